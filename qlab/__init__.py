@@ -1,0 +1,3 @@
+"""qlab: neural-network quantization, taught and tested."""
+
+__version__ = "0.1.0"

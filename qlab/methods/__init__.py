@@ -1,0 +1,1 @@
+"""Quantization methods beyond round-to-nearest: one module per algorithm."""
