@@ -75,7 +75,11 @@ def nearest_code(xn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def nf4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
     """Spec for NF4 with one absmax per ``block_size`` elements of the last dim."""
     return QuantSpec(
-        bits=4, symmetric=False, granularity="group", group_size=block_size, codebook="nf4",
+        bits=4,
+        symmetric=False,
+        granularity="group",
+        group_size=block_size,
+        codebook="nf4",
         double_quant=double_quant,
     )
 
@@ -83,7 +87,11 @@ def nf4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -
 def fp4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
     """Spec for FP4 (e2m1) with one absmax per ``block_size`` elements of the last dim."""
     return QuantSpec(
-        bits=4, symmetric=False, granularity="group", group_size=block_size, codebook="fp4",
+        bits=4,
+        symmetric=False,
+        granularity="group",
+        group_size=block_size,
+        codebook="fp4",
         double_quant=double_quant,
     )
 
@@ -127,8 +135,15 @@ def quantize_codebook(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     xn = (xb / scale.float().reshape(view)).reshape(x.shape)
     codes = nearest_code(xn, table)
     return QuantizedTensor(
-        codes=codes, scale=scale, zero=None, spec=spec, shape=x.shape, dtype=x.dtype,
-        scale_q=scale_q, scale_offset=offset, codebook=table,
+        codes=codes,
+        scale=scale,
+        zero=None,
+        spec=spec,
+        shape=x.shape,
+        dtype=x.dtype,
+        scale_q=scale_q,
+        scale_offset=offset,
+        codebook=table,
     )
 
 

@@ -62,9 +62,7 @@ class QuantSpec:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
         if self.granularity not in ("tensor", "channel", "group"):
-            raise ValueError(
-                f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}"
-            )
+            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}")
         if self.granularity == "group":
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(
@@ -147,7 +145,7 @@ class QuantSpec:
 def _blocked_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     """[s0, s1, ...] -> [s0/b0, b0, s1/b1, b1, ...] so each block's elements share odd axes."""
     out: list[int] = []
-    for n, b in zip(shape, block):
+    for n, b in zip(shape, block, strict=True):
         out += [n // b, b]
     return tuple(out)
 
@@ -290,9 +288,7 @@ class QuantizedTensor:
         )
 
 
-def compute_scale_zero(
-    x: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest scales (and zero-points) for every block of ``x``.
 
     * symmetric:  ``scale = max|x| / qmax``;
