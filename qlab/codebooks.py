@@ -68,7 +68,7 @@ def nearest_code(xn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """
     sorted_vals, order = table.float().sort()
     mids = (sorted_vals[1:] + sorted_vals[:-1]) / 2
-    idx = torch.bucketize(xn.float().contiguous(), mids)
+    idx = torch.bucketize(xn.float().contiguous(), mids, right=True)
     return order[idx].to(torch.uint8)
 
 

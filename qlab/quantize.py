@@ -310,7 +310,8 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     scale = (hi - lo) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = _round_scale_up(scale, spec.scale_dtype)
-    zero = torch.round(-lo / scale.float()).clamp(0, spec.qmax)
+    # + 0.0 turns -0.0 (from rounding -0/scale) into 0.0, which prints as learners expect.
+    zero = torch.round(-lo / scale.float()).clamp(0, spec.qmax) + 0.0
     return scale, zero.to(spec.scale_dtype)
 
 
