@@ -306,6 +306,8 @@ def get_format(name: str | Format | torch.dtype) -> Format:
     key = name.strip().lower().replace("-", "_").replace(" ", "_").removeprefix("torch.")
     if key in _ALIASES:
         return _ALIASES[key]
+    if key in FORMATS:
+        return FORMATS[key]
     match = _INT_NAME.fullmatch(key)
     if match:
         return IntFormat(int(match.group(2)), signed=not match.group(1))
@@ -389,6 +391,9 @@ def round_to(x: Tensor | float, fmt: Format | str, *, saturate: bool | None = No
     """
     fmt = get_format(fmt)
     x64 = _as_float64(x)
+    if isinstance(x, Tensor) and x.dtype == torch.float32 and fmt.torch_dtype == torch.float32:
+        # Already exact; copying also keeps signalling-NaN payloads that a float64 round trip would quiet.
+        return x.clone()
     if isinstance(fmt, IntFormat):
         if torch.isnan(x64).any():
             raise ValueError(f"x contains NaN, which {fmt.name} cannot represent")
