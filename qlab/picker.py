@@ -77,6 +77,29 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+def model_entry(model: torch.nn.Module, name: str) -> ModelEntry:
+    """Count a loaded model's parameters: all of them (tied ones once), those in the ``nn.Linear`` weights
+    that ``QuantConfig``'s default ``skip`` would quantize (not ``lm_head``), and the most common
+    ``in_features`` as the row length."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    skip = QuantConfig()
+    linears = [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip.is_skipped(n)
+    ]
+    weights = {id(m.weight): m.weight for m in linears}
+    n_linear = sum(w.numel() for w in weights.values())
+    rows = [m.in_features for m in linears]
+    row = max(set(rows), key=rows.count) if rows else 1
+    return ModelEntry(name, total, n_linear, row)
+
+
 @dataclass(frozen=True)
 class Scheme:
     """How a model's linear weights are stored.

@@ -1,0 +1,509 @@
+"""Interactive explorers for the lessons: ipywidgets controls wired to :mod:`qlab.plots` and
+:mod:`qlab.picker`.
+
+Each function returns an ``ipywidgets.VBox``. The figure lives in one ``ipywidgets.Image`` whose PNG bytes are
+replaced on every change, so the picture swaps in place without flicker; the numbers sit in ``HTML`` labels
+with stable CSS classes (``qlab-sqnr``, ``qlab-max-error``, ``qlab-bpw``, ...) that the browser test reads.
+For tests and curious readers the returned box carries three plain attributes:
+
+* ``box.controls``: name -> control widget (set ``.value`` to drive it programmatically);
+* ``box.labels``: name -> ``HTML`` label widget;
+* ``box.image``: the ``Image`` widget (``None`` for the HTML-only explorers).
+
+Sliders update on release (``continuous_update=False``) so a drag recomputes once, not fifty times.
+
+``static=True`` returns what the widget shows at its default settings (a matplotlib figure; a
+:class:`~qlab.picker.Recommendation` for the method picker) for notebooks viewed without a kernel (GitHub,
+nbval). ipywidgets is imported inside the functions so ``import qlab`` works without it.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from qlab.codebooks import fp4_spec, nf4_spec
+from qlab.formats import FloatFormat, format_bytes, from_code, get_format
+from qlab.picker import (
+    DEFAULT_MEMORY,
+    HARDWARE,
+    MODELS,
+    SCHEMES,
+    ModelEntry,
+    estimate_memory,
+    recommend,
+)
+from qlab.plots import (
+    EXPONENT_COLOR,
+    LAYOUT_FORMATS,
+    MANTISSA_COLOR,
+    SIGN_COLOR,
+    describe_bits,
+    error_stats,
+    figure_png,
+    plot_bit_layout,
+    plot_error_histogram,
+    plot_memory,
+)
+from qlab.quantize import QuantizedTensor, QuantSpec, quantize
+
+#: A quantizer the error-histogram explorer can call: ``(x, spec) -> QuantizedTensor``.
+Quantizer = Callable[[torch.Tensor, QuantSpec], QuantizedTensor]
+
+
+def _ipywidgets() -> Any:
+    try:
+        import ipywidgets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("qlab.widgets needs ipywidgets: pip install 'qlab[course]'") from e
+    return ipywidgets
+
+
+def _label(w: Any, css: str, text: str = "") -> Any:
+    lab = w.HTML(value=text)
+    lab.add_class(css)
+    return lab
+
+
+def _box(w: Any, children: list[Any], controls: dict[str, Any], labels: dict[str, Any], image: Any) -> Any:
+    box = w.VBox(children)
+    box.add_class("qlab-widget")
+    box.controls, box.labels, box.image = controls, labels, image
+    return box
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bit-layout explorer
+
+
+def _bits_html(value: float, formats: Sequence[str]) -> str:
+    """A table: format, coloured bit fields, stored value, absolute and relative error."""
+    rows = []
+    for name in formats:
+        lay = describe_bits(value, name)
+        E = lay.fmt.exponent_bits
+        bits = lay.bits
+        cells = (
+            f'<span style="background:{SIGN_COLOR}">{bits[0]}</span>'
+            f'<span style="background:{EXPONENT_COLOR}">{bits[1 : 1 + E]}</span>'
+            f'<span style="background:{MANTISSA_COLOR}">{bits[1 + E :]}</span>'
+        )
+        abs_err = "" if math.isnan(lay.abs_error) else f"{lay.abs_error:.3g}"
+        rel_err = "" if math.isnan(lay.rel_error) else f"{lay.rel_error:.3g}"
+        rows.append(
+            f'<tr class="qlab-bits-{html.escape(lay.fmt.name)}"><td>{lay.fmt.name}</td>'
+            f'<td style="font-family:monospace">{cells}</td><td>{lay.stored:.10g}</td>'
+            f"<td>{abs_err}</td><td>{rel_err}</td></tr>"
+        )
+    head = "<tr><th>format</th><th>sign | exponent | mantissa</th><th>stored value</th>"
+    head += "<th>abs error</th><th>rel error</th></tr>"
+    return f'<table class="qlab-bits-table">{head}{"".join(rows)}</table>'
+
+
+def flip_bit(value: float, fmt: FloatFormat | str, index: int) -> float:
+    """``value`` rounded into ``fmt`` with bit ``index`` flipped (0 = the sign bit, leftmost)."""
+    f = get_format(fmt)
+    if not isinstance(f, FloatFormat):
+        raise ValueError(f"fmt must be a float format, got {f.name}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < f.bits:
+        raise ValueError(f"index must be an int in 0..{f.bits - 1} for {f.name}, got {index!r}")
+    code = int(describe_bits(value, f).bits, 2) ^ (1 << (f.bits - 1 - index))
+    return float(from_code(code, f))
+
+
+def bit_layout_explorer(
+    value: float = 0.1,
+    *,
+    tensor: torch.Tensor | None = None,
+    formats: Sequence[str] = LAYOUT_FORMATS,
+    static: bool = False,
+) -> Any:
+    """Type a value (or pick an element of ``tensor``) and see its bits in each of ``formats``, the value
+    each format stores and the rounding error; click a bit of the chosen format to flip it."""
+    for name in formats:
+        if not isinstance(get_format(name), FloatFormat):
+            raise ValueError(f"formats must be float formats, got {name!r}")
+    if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.numel() == 0):
+        raise TypeError("tensor must be a non-empty torch.Tensor or None")
+    if static:
+        return plot_bit_layout(value, formats)
+    w = _ipywidgets()
+    state = {"value": float(value)}
+    text = w.Text(value=repr(float(value)), description="value", continuous_update=False)
+    flip_fmt = w.ToggleButtons(options=list(formats), value=formats[min(1, len(formats) - 1)])
+    bits_row = w.HBox([])
+    table = _label(w, "qlab-bits", "")
+    status = _label(w, "qlab-status", "")
+    controls: dict[str, Any] = {"value": text, "format": flip_fmt}
+    children: list[Any] = [text]
+    if tensor is not None:
+        flat = tensor.detach().float().flatten()
+        element = w.IntSlider(0, 0, flat.numel() - 1, description="element", continuous_update=False)
+        element.observe(lambda change: setattr(text, "value", repr(float(flat[change["new"]]))), "value")
+        controls["element"] = element
+        children.append(element)
+
+    def make_bit_button(i: int, bit: str, E: int) -> Any:
+        color = SIGN_COLOR if i == 0 else EXPONENT_COLOR if i <= E else MANTISSA_COLOR
+        b = w.Button(description=bit, layout=w.Layout(width="26px", padding="0"), tooltip=f"flip bit {i}")
+        b.style.button_color = color
+        b.on_click(lambda _b: setattr(text, "value", repr(flip_bit(state["value"], flip_fmt.value, i))))
+        return b
+
+    def refresh(_change: object = None) -> None:
+        try:
+            v = float(text.value)
+        except ValueError:
+            status.value = f"not a number: {html.escape(text.value)!s}"
+            return
+        state["value"] = v
+        status.value = ""
+        table.value = _bits_html(v, formats)
+        lay = describe_bits(v, flip_fmt.value)
+        bits_row.children = [make_bit_button(i, b, lay.fmt.exponent_bits) for i, b in enumerate(lay.bits)]
+
+    text.observe(refresh, "value")
+    flip_fmt.observe(refresh, "value")
+    refresh()
+    controls["bits"] = bits_row
+    children += [table, w.HTML("click a bit to flip it:"), flip_fmt, bits_row, status]
+    return _box(w, children, controls, {"bits": table, "status": status}, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Error-histogram explorer
+
+
+def default_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights to explore: Gaussian, Gaussian with a few large outliers, and uniform."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(256, 512, generator=g) * 0.02
+    outliers = normal.clone()
+    idx = torch.randint(0, outliers.numel(), (64,), generator=g)
+    outliers.view(-1)[idx] *= 25  # a handful of weights 25x larger, as some real layers have
+    uniform = (torch.rand(256, 512, generator=g) * 2 - 1) * 0.05
+    return {"normal 256x512": normal, "normal + outliers 256x512": outliers, "uniform 256x512": uniform}
+
+
+def _rtn(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    return quantize(x, spec)
+
+
+def _codebook(name: str) -> Quantizer:
+    def q(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+        if spec.granularity == "tensor":
+            raise ValueError(f"{name.upper()} scales blocks of the last dim: choose 'channel' or 'group'")
+        block = spec.group_size if spec.granularity == "group" else x.shape[-1]
+        assert block is not None
+        return quantize(x, (nf4_spec if name == "nf4" else fp4_spec)(block))
+
+    return q
+
+
+def available_methods() -> dict[str, Quantizer]:
+    """Quantizers the explorer offers: RTN, NF4, FP4, plus each of HQQ, GPTQ, AWQ whose module in
+    :mod:`qlab.methods` exposes a ``quantize_weight(x, spec) -> QuantizedTensor`` (data-free form)."""
+    import importlib
+
+    methods: dict[str, Quantizer] = {"RTN": _rtn, "NF4": _codebook("nf4"), "FP4": _codebook("fp4")}
+    for name in ("hqq", "gptq", "awq"):
+        try:
+            mod = importlib.import_module(f"qlab.methods.{name}")
+        except ImportError:
+            continue
+        fn = getattr(mod, "quantize_weight", None)
+        if callable(fn):
+            methods[name.upper()] = fn
+    return methods
+
+
+def explorer_quantize(
+    x: torch.Tensor,
+    method: str = "RTN",
+    bits: int = 4,
+    symmetric: bool = False,
+    granularity: str = "group",
+    group_size: int = 64,
+    methods: Mapping[str, Quantizer] | None = None,
+) -> QuantizedTensor:
+    """What the error-histogram explorer computes for one setting of its controls.
+
+    Codebook methods (NF4, FP4) ignore ``bits`` and ``symmetric``: they are 4-bit absmax formats.
+    """
+    methods = available_methods() if methods is None else methods
+    if method not in methods:
+        raise ValueError(f"method must be one of {list(methods)}, got {method!r}")
+    kw: dict[str, Any] = {"group_size": group_size} if granularity == "group" else {}
+    if method in ("NF4", "FP4"):
+        spec = QuantSpec(bits=4, symmetric=False, granularity=granularity, **kw)  # type: ignore[arg-type]
+    else:
+        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, **kw)  # type: ignore[arg-type]
+    return methods[method](x, spec)
+
+
+def error_histogram_explorer(
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    *,
+    methods: Mapping[str, Quantizer] | None = None,
+    bits: int = 4,
+    seed: int = 0,
+    static: bool = False,
+) -> Any:
+    """Pick a tensor (random, or named layers of a real model passed as ``{name: weight}``), a method, bits,
+    symmetric/asymmetric, granularity and group size; see the weight histogram with the quantization grid,
+    the error histogram, and SQNR, max error and bits per weight.
+
+    ``methods`` adds or replaces quantizers (``{name: (x, spec) -> QuantizedTensor}``) beyond
+    :func:`available_methods`.
+    """
+    tensors = dict(default_tensors(seed) if tensors is None else tensors)
+    if not tensors:
+        raise ValueError("tensors is empty; pass {name: tensor} or None for random ones")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0:
+            raise TypeError(f"tensors[{name!r}] must be a float tensor with at least one dim")
+    all_methods = {**available_methods(), **(methods or {})}
+    first = next(iter(tensors))
+    if static:
+        x = tensors[first].detach().float()
+        qt = explorer_quantize(x, "RTN", bits, False, "group", _group_default(x), all_methods)
+        return plot_error_histogram(x, qt, title=f"{first}: {qt.spec.describe()}")
+
+    w = _ipywidgets()
+    c = {
+        "tensor": w.Dropdown(options=list(tensors), value=first, description="tensor"),
+        "method": w.Dropdown(options=list(all_methods), value="RTN", description="method"),
+        "bits": w.IntSlider(value=bits, min=1, max=8, description="bits", continuous_update=False),
+        "symmetric": w.ToggleButtons(options=[("asymmetric", False), ("symmetric", True)], value=False),
+        "granularity": w.Dropdown(
+            options=["tensor", "channel", "group"], value="group", description="granularity"
+        ),
+        "group_size": w.Dropdown(options=[16, 32, 64, 128, 256], value=64, description="group size"),
+    }
+    c["group_size"].value = _group_default(tensors[first])
+    labels = {
+        "sqnr": _label(w, "qlab-sqnr"),
+        "max_error": _label(w, "qlab-max-error"),
+        "bits_per_weight": _label(w, "qlab-bpw"),
+        "status": _label(w, "qlab-status"),
+    }
+    image = w.Image(format="png")
+    image.add_class("qlab-figure")
+
+    def refresh(_change: object = None) -> None:
+        x = tensors[c["tensor"].value].detach().float()
+        codebook = c["method"].value in ("NF4", "FP4")
+        c["bits"].disabled = c["symmetric"].disabled = codebook
+        c["group_size"].disabled = c["granularity"].value != "group"
+        try:
+            qt = explorer_quantize(
+                x,
+                c["method"].value,
+                c["bits"].value,
+                c["symmetric"].value,
+                c["granularity"].value,
+                c["group_size"].value,
+                all_methods,
+            )
+        except ValueError as e:  # an impossible combination: say why, keep the last picture
+            labels["status"].value = f"<span style='color:#b22'>{html.escape(str(e))}</span>"
+            return
+        stats = error_stats(x, qt)
+        for key, text in stats.labels().items():
+            labels[key].value = f"<b>{html.escape(text)}</b>"
+        labels["status"].value = html.escape(qt.spec.describe())
+        fig = plot_error_histogram(
+            x, qt, title=f"{c['tensor'].value}: {c['method'].value} {qt.spec.describe()}"
+        )
+        image.value = figure_png(fig)
+
+    for ctl in c.values():
+        ctl.observe(refresh, "value")
+    refresh()
+    numbers = w.HBox([labels["sqnr"], labels["max_error"], labels["bits_per_weight"]])
+    numbers.layout.justify_content = "space-around"
+    children = [
+        w.HBox([c["tensor"], c["method"]]),
+        w.HBox([c["bits"], c["symmetric"]]),
+        w.HBox([c["granularity"], c["group_size"]]),
+        numbers,
+        labels["status"],
+        image,
+    ]
+    return _box(w, children, c, labels, image)
+
+
+def _group_default(x: torch.Tensor) -> int:
+    """64 if it divides the last dim, else the largest offered group size that does (else the dim itself)."""
+    n = x.shape[-1]
+    for g in (64, 32, 128, 16, 256):
+        if n % g == 0:
+            return g
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory calculator
+
+_GPU_SIZES: tuple[tuple[str, int], ...] = tuple(
+    (f"{gb} GB", gb * 10**9) for gb in (8, 12, 16, 24, 40, 48, 80, 141)
+)
+
+
+def _parse_count(text: str) -> int:
+    """'7e9', '7B', '135M', '7,000,000' -> parameter count."""
+    t = text.strip().replace(",", "").replace("_", "").upper()
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    n = float(t) * mult
+    if not math.isfinite(n) or n < 1:
+        raise ValueError(f"parameter count must be a positive number, got {text!r}")
+    return int(round(n))
+
+
+def memory_calculator(
+    models: Mapping[str, ModelEntry] | None = None,
+    *,
+    model: str = "Llama-3-8B",
+    memory_bytes: int = 24 * 10**9,
+    static: bool = False,
+) -> Any:
+    """Pick a model (the course's offline models, well-known larger ones, extra :class:`ModelEntry`s passed
+    in ``models``, or a typed-in parameter count) and see its bytes in every scheme, scales and zeros
+    included, against a memory size; the chosen scheme says whether it fits."""
+    entries = {**MODELS, **(models or {})}
+    if model not in entries:
+        raise ValueError(f"model must be one of {list(entries)}, got {model!r}")
+    if static:
+        rows = [estimate_memory(entries[model], s) for s in SCHEMES]
+        return plot_memory(rows, gpu_bytes=memory_bytes, title=f"{model}: weight memory per scheme")
+    w = _ipywidgets()
+    gpu_options = list(_GPU_SIZES)
+    if memory_bytes not in [v for _, v in gpu_options]:
+        gpu_options.append((format_bytes(memory_bytes), memory_bytes))
+    c = {
+        "model": w.Dropdown(options=[*entries, "custom"], value=model, description="model"),
+        "params": w.Text(value="7e9", description="parameters", continuous_update=False, disabled=True),
+        "scheme": w.Dropdown(options=list(SCHEMES), value="int4 asym g128", description="scheme"),
+        "memory": w.Dropdown(options=gpu_options, value=memory_bytes, description="memory"),
+    }
+    labels = {"fits": _label(w, "qlab-fits"), "status": _label(w, "qlab-status")}
+    image = w.Image(format="png")
+    image.add_class("qlab-figure")
+
+    def refresh(_change: object = None) -> None:
+        custom = c["model"].value == "custom"
+        c["params"].disabled = not custom
+        try:
+            entry: ModelEntry | int = _parse_count(c["params"].value) if custom else entries[c["model"].value]
+        except ValueError as e:
+            labels["status"].value = html.escape(str(e))
+            return
+        labels["status"].value = "custom counts assume 97% of parameters in linear layers" if custom else ""
+        rows = [estimate_memory(entry, s) for s in SCHEMES]
+        chosen = estimate_memory(entry, c["scheme"].value)
+        fits = chosen.total <= c["memory"].value
+        labels["fits"].value = (
+            f"<b>{html.escape(chosen.label)}: {format_bytes(chosen.total)}, "
+            f"fits in {format_bytes(c['memory'].value)}: {'yes' if fits else 'no'}</b>"
+        )
+        name = c["params"].value + " params" if custom else c["model"].value
+        image.value = figure_png(
+            plot_memory(rows, gpu_bytes=c["memory"].value, title=f"{name}: weight memory")
+        )
+
+    for ctl in c.values():
+        ctl.observe(refresh, "value")
+    refresh()
+    children = [w.HBox([c["model"], c["params"]]), w.HBox([c["scheme"], c["memory"]]), labels["fits"]]
+    return _box(w, [*children, labels["status"], image], c, labels, image)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Method picker
+
+
+def _recommendation_html(rec: Any) -> str:
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in rec.reasons)
+    verdict = "fits" if rec.fits else "does NOT fit"
+    return (
+        f'<div class="qlab-recommendation"><b>method: <code>{rec.method}</code></b> '
+        f"({html.escape(rec.settings)})"
+        f"<ul>{reasons}</ul>"
+        f"<code>QuantConfig(method={rec.config.method!r}, bits={rec.config.bits}, "
+        f"group_size={rec.config.group_size})</code><br>"
+        f"expected weight memory: <b>{format_bytes(rec.memory.total)}</b> ({verdict} in "
+        f"{format_bytes(rec.memory_limit)})</div>"
+    )
+
+
+def method_picker(
+    *,
+    hardware: str = "consumer_gpu",
+    target_bits: int = 4,
+    calibration: bool = True,
+    finetune: bool = False,
+    model: str = "Llama-3-8B",
+    static: bool = False,
+) -> Any:
+    """Hardware, target bits, calibration data yes/no, fine-tune yes/no and a model -> the qlab method and
+    settings to use, with reasons and the expected memory (logic in :func:`qlab.picker.recommend`)."""
+    if static:
+        return recommend(hardware, target_bits, calibration, finetune, model)
+    recommend(hardware, target_bits, calibration, finetune, model)  # validate the defaults early
+    w = _ipywidgets()
+    hw_labels = {"cpu": "CPU only", "consumer_gpu": "consumer GPU", "datacenter_gpu": "datacenter GPU"}
+    c = {
+        "hardware": w.ToggleButtons(options=[(hw_labels[h], h) for h in HARDWARE], value=hardware),
+        "target_bits": w.ToggleButtons(options=[8, 4, 3, 2], value=target_bits, description="bits"),
+        "calibration": w.Checkbox(value=calibration, description="calibration data available"),
+        "finetune": w.Checkbox(value=finetune, description="need to fine-tune"),
+        "model": w.Dropdown(options=list(MODELS), value=model, description="model"),
+        "memory": w.Dropdown(options=list(_GPU_SIZES), value=DEFAULT_MEMORY[hardware], description="memory"),
+    }
+    out = _label(w, "qlab-recommendation-box")
+
+    def on_hardware(change: dict[str, Any]) -> None:
+        c["memory"].value = DEFAULT_MEMORY[change["new"]]  # a sensible size for that hardware; then refresh
+
+    def refresh(_change: object = None) -> None:
+        rec = recommend(
+            c["hardware"].value,
+            c["target_bits"].value,
+            c["calibration"].value,
+            c["finetune"].value,
+            c["model"].value,
+            c["memory"].value,
+        )
+        out.value = _recommendation_html(rec)
+
+    c["hardware"].observe(on_hardware, "value")
+    for ctl in c.values():
+        ctl.observe(refresh, "value")
+    refresh()
+    children = [
+        c["hardware"],
+        c["target_bits"],
+        w.HBox([c["calibration"], c["finetune"]]),
+        w.HBox([c["model"], c["memory"]]),
+        out,
+    ]
+    return _box(w, children, c, {"recommendation": out}, None)
+
+
+__all__ = [
+    "Quantizer",
+    "available_methods",
+    "bit_layout_explorer",
+    "default_tensors",
+    "error_histogram_explorer",
+    "explorer_quantize",
+    "flip_bit",
+    "memory_calculator",
+    "method_picker",
+]
