@@ -66,8 +66,8 @@ MODELS: dict[str, ModelEntry] = {
     m.name: m
     for m in (
         _llama("SmolLM2-135M", 30, 576, 192, 1536, 49152, tied=True),
-        # all-MiniLM-L6-v2: 6 BERT layers (q,k,v,o 384x384; ffn 1536), 30522 words, 512 positions, 2 types.
-        ModelEntry("all-MiniLM-L6-v2", 22_713_216, 6 * (4 * 384 * 384 + 2 * 384 * 1536), 384),
+        # all-MiniLM-L6-v2: 6 BERT layers (q,k,v,o 384x384; ffn 1536) and a 384x384 pooler; 30522 words.
+        ModelEntry("all-MiniLM-L6-v2", 22_713_216, 6 * (4 * 384 * 384 + 2 * 384 * 1536) + 384 * 384, 384),
         _llama("Llama-2-7B", 32, 4096, 4096, 11008, 32000, tied=False),
         _llama("Mistral-7B", 32, 4096, 1024, 14336, 32000, tied=False),
         _llama("Llama-3-8B", 32, 4096, 1024, 14336, 128256, tied=False),

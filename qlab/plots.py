@@ -88,7 +88,8 @@ def describe_bits(value: float, fmt: Format | str) -> BitLayout:
 
 
 def _fmt_value(v: float) -> str:
-    return f"{v:.10g}" if math.isfinite(v) else str(v)
+    # repr: the shortest decimal that reads back as the same double, so stored values print in full.
+    return repr(v) if math.isfinite(v) else str(v)
 
 
 def plot_bit_layout(value: float, fmt: Format | str | Sequence[Format | str] = LAYOUT_FORMATS) -> Figure:

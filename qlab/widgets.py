@@ -96,7 +96,7 @@ def _bits_html(value: float, formats: Sequence[str]) -> str:
         rel_err = "" if math.isnan(lay.rel_error) else f"{lay.rel_error:.3g}"
         rows.append(
             f'<tr class="qlab-bits-{html.escape(lay.fmt.name)}"><td>{lay.fmt.name}</td>'
-            f'<td style="font-family:monospace">{cells}</td><td>{lay.stored:.10g}</td>'
+            f'<td style="font-family:monospace">{cells}</td><td>{lay.stored!r}</td>'
             f"<td>{abs_err}</td><td>{rel_err}</td></tr>"
         )
     head = "<tr><th>format</th><th>sign | exponent | mantissa</th><th>stored value</th>"
