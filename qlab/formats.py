@@ -390,15 +390,16 @@ def round_to(x: Tensor | float, fmt: Format | str, *, saturate: bool | None = No
     Int formats: ``clamp(round_half_even(x), min, max)``; NaN raises ValueError.
     """
     fmt = get_format(fmt)
-    x64 = _as_float64(x)
-    if isinstance(x, Tensor) and x.dtype == torch.float32 and fmt.torch_dtype == torch.float32:
-        # Already exact; copying also keeps signalling-NaN payloads that a float64 round trip would quiet.
-        return x.clone()
     if isinstance(fmt, IntFormat):
+        x64 = _as_float64(x)
         if torch.isnan(x64).any():
             raise ValueError(f"x contains NaN, which {fmt.name} cannot represent")
         return torch.round(x64).clamp(fmt.min, fmt.max).to(torch.float32)
-    return _round_float64(x64, fmt, _resolve_saturate(fmt, saturate)).to(torch.float32)
+    sat = _resolve_saturate(fmt, saturate)
+    if isinstance(x, Tensor) and x.dtype == torch.float32 and fmt.torch_dtype == torch.float32 and not sat:
+        # Already exact; copying also keeps signalling-NaN payloads that a float64 round trip would quiet.
+        return x.clone()
+    return _round_float64(_as_float64(x), fmt, sat).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

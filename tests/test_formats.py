@@ -235,21 +235,27 @@ def test_round_to_matches_torch_on_boundaries(fmt: FloatFormat) -> None:
 
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=ids)
 def test_round_to_matches_torch_on_grid_midpoints(fmt: FloatFormat) -> None:
-    # Every representable value of the format, the exact midpoints between neighbours, and one float32
-    # step either side of each midpoint.
-    if fmt.bits <= 8:
-        grid = fmt.grid().double()
-    else:
-        codes = torch.arange(2**fmt.bits)
-        grid = torch.unique(F.from_code(codes, fmt)).double()
-        grid = grid[torch.isfinite(grid)]
+    # Representable values of the format, the exact midpoints between neighbours, and one float32 step
+    # either side of each midpoint.  16-bit formats: the 256 values at each end of both signs' ranges
+    # (subnormals, overflow) and a sample of 4096 in between.
+    codes = torch.arange(2**fmt.bits)
+    grid = torch.unique(F.from_code(codes, fmt)).double()
+    grid = grid[torch.isfinite(grid)]
+    if grid.numel() > 8192:
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randperm(grid.numel(), generator=g)[:4096]
+        zero = int(torch.searchsorted(grid, torch.tensor(0.0, dtype=torch.float64)))
+        ends = torch.cat(
+            [torch.arange(256), torch.arange(-256, 0) + grid.numel(), torch.arange(-256, 256) + zero]
+        )
+        grid = grid[torch.unique(torch.cat([sample, ends]))]
     mids = ((grid[1:] + grid[:-1]) / 2).float()
     x = torch.cat([grid.float(), mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
     assert_same_bits(F.round_to(x, fmt, saturate=torch_saturate(fmt)), torch_round(x, fmt))
 
 
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=ids)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(values=st.lists(st.floats(width=32), min_size=1, max_size=50))
 def test_round_to_matches_torch_hypothesis(fmt: FloatFormat, values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float32)
@@ -257,7 +263,7 @@ def test_round_to_matches_torch_hypothesis(fmt: FloatFormat, values: list[float]
 
 
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=ids)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_round_to_matches_torch_in_range(fmt: FloatFormat, data: st.DataObject) -> None:
     lim = float(torch.tensor(min(2 * fmt.max, 3e38)).float())
@@ -280,9 +286,10 @@ def test_fp32_is_identity() -> None:
     x = torch.cat([boundary_floats(BF16), SPECIALS, torch.randn(1000)])
     y = F.round_to(x, FP32)
     assert torch.equal(y.view(torch.int32), x.view(torch.int32))  # NaN payloads too
+    assert F.round_to(SPECIALS, FP32, saturate=True)[2:4].tolist() == [FP32.max, -FP32.max]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(values=st.lists(st.floats(width=64), min_size=1, max_size=50))
 def test_fp32_rounds_float64_like_torch(values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float64)
@@ -345,7 +352,7 @@ def test_signed_zero_and_underflow() -> None:
 
 
 @pytest.mark.parametrize("fmt", [FP16, BF16, *SMALL_FORMATS], ids=ids)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(values=st.lists(st.floats(-1e5, 1e5, width=32), min_size=2, max_size=60))
 def test_idempotent_and_monotone(fmt: FloatFormat, values: list[float]) -> None:
     x = torch.tensor(sorted(values), dtype=torch.float32)
