@@ -1,0 +1,122 @@
+"""The methods table: several methods and bit widths on one real model, side by side.
+
+:func:`compare_methods` is what ``qlab compare`` and ``benchmarks/methods_table.py`` call. For each
+(method, scheme) it copies the float model, quantizes it with :func:`quantize_model_with` (timed),
+and measures perplexity on the held-out evaluation plays; calibration windows come from the
+disjoint calibration plays with a fixed seed.
+
+SmolLM2-135M ships as a Q4_1 GGUF: its weights already sit on an int4 grid of 32 inputs, so int4
+g32 would reconstruct them almost exactly. The default schemes (g128 and g64) do not line up with
+that grid, so they measure the methods rather than the file format.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from qlab.config import QuantConfig
+from qlab.methods.apply import MODEL_METHODS, quantize_model_with
+
+#: (bits, group size) pairs of the issue's table.
+DEFAULT_SCHEMES: tuple[tuple[int, int], ...] = ((4, 128), (3, 64), (2, 64))
+DEFAULT_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq", "awq")
+
+
+def compare_methods(
+    methods: Sequence[str] = DEFAULT_METHODS,
+    schemes: Sequence[tuple[int, int]] = DEFAULT_SCHEMES,
+    *,
+    nf4: bool = True,
+    n_samples: int = 32,
+    seq_len: int = 256,
+    eval_seq_len: int = 512,
+    eval_windows: int | None = 16,
+    seed: int = 0,
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
+    loader: Callable[[], tuple[torch.nn.Module, Any]] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Perplexity, bits per weight and quantization time for each method at each scheme.
+
+    Args:
+        methods: names from :data:`~qlab.methods.apply.MODEL_METHODS` (weight-only ones).
+        schemes: ``(bits, group_size)`` pairs, asymmetric integer codes.
+        nf4: also add an NF4 (block 64) row.
+        n_samples, seq_len: calibration windows for the data-driven methods.
+        eval_seq_len, eval_windows: perplexity windows on the evaluation plays
+            (see :func:`qlab.evaluate.perplexity`).
+        method_kwargs: per-method ``QuantConfig.method_kwargs``.
+        loader: returns ``(model, tokenizer)``; default :func:`qlab.models.load_smollm2`.
+
+    Returns rows ``{"method", "scheme", "bits", "group_size", "bits_per_weight", "perplexity",
+    "seconds"}``, the float model first (``seconds`` 0).
+    """
+    from qlab import evaluate, models  # heavy (transformers); only needed here
+
+    for m in methods:
+        if m not in MODEL_METHODS or m in ("smoothquant", "llm_int8"):
+            raise ValueError(f"methods: {m!r} is not a weight-only method of {MODEL_METHODS}")
+    method_kwargs = method_kwargs or {}
+    model, tok = (loader or models.load_smollm2)()
+    calibration = models.calibration_batches(tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+    def ppl(m: torch.nn.Module) -> float:
+        return evaluate.perplexity(m, tok, seq_len=eval_seq_len, max_windows=eval_windows, progress=False)
+
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "fp32",
+            "scheme": "fp32",
+            "bits": 32,
+            "group_size": None,
+            "bits_per_weight": 32.0,
+            "perplexity": ppl(model),
+            "seconds": 0.0,
+        }
+    ]
+    jobs: list[tuple[str, int, int]] = [(m, b, g) for b, g in schemes for m in methods]
+    if nf4:
+        jobs.append(("nf4", 4, 64))
+    for method, bits, group in jobs:
+        torch.manual_seed(seed)
+        qmodel = copy.deepcopy(model)
+        cfg = QuantConfig(
+            method="rtn" if method == "nf4" else method,
+            bits=bits,
+            group_size=group,
+            method_kwargs=dict(method_kwargs.get(method, {})),
+        )
+        res = quantize_model_with(
+            method, qmodel, cfg, calibration if method in ("gptq", "awq") else None, progress=progress
+        )
+        scheme = "nf4 b64" if method == "nf4" else f"int{bits} g{group}"
+        rows.append(
+            {
+                "method": method,
+                "scheme": scheme,
+                "bits": bits,
+                "group_size": group,
+                "bits_per_weight": res.bits_per_weight,
+                "perplexity": ppl(qmodel),
+                "seconds": res.seconds,
+            }
+        )
+        del qmodel
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, timings: bool = True) -> str:
+    """Rows of :func:`compare_methods` as a Markdown table."""
+    head = "| scheme | method | bits/weight | perplexity |" + (" time (s) |" if timings else "")
+    sep = "|---|---|---:|---:|" + ("---:|" if timings else "")
+    lines = [head, sep]
+    for r in rows:
+        line = f"| {r['scheme']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} |"
+        if timings:
+            line += f" {r['seconds']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines)

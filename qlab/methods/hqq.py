@@ -1,0 +1,199 @@
+"""HQQ: half-quadratic quantization (Badri & Shaji, 2023). No calibration data.
+
+Round-to-nearest picks ``scale`` and ``zero`` from each group's min and max. HQQ keeps the scale
+and moves the zero-point to minimize an outlier-robust error between the weight and its
+reconstruction ``Ŵ = s (q - z)``, with ``q = clamp(round(W/s + z))``::
+
+    minimize_z  Σ |W - Ŵ(z)|^p          with p < 1 (default 0.7)
+
+The ``|·|^p`` norm is not convex; half-quadratic splitting introduces an auxiliary error ``E``
+and alternates two closed forms (``β`` grows by ``κ`` each step)::
+
+    E  ← shrink_p(W - Ŵ, β)             (generalized soft threshold, the prox of |·|^p)
+    z  ← mean_g( q - (W - E) / s )       (least squares in z with q fixed)
+
+where ``shrink_p(r, β) = sign(r) · max(|r| - |r|^(p-1)/β, 0)``. Since ``q - (W - E)/s = z - (r - E)/s``
+with ``r = W - Ŵ``, the zero update is ``z ← z - mean_g(sign(r) · min(|r|, |r|^(p-1)/β)) / s``.
+
+With ``optimize_scale=True`` the second step fits ``s`` and ``z`` jointly by least squares of
+``W - E ≈ s (q - z)`` (a line fit per group), which also lowers the squared error.
+
+Differences from the reference ``hqq`` package, all for speed on CPU: the weight is divided by the
+scale once (the scale is fixed unless ``optimize_scale``), the loop runs on cache-sized chunks of
+groups, and each group keeps its best zero (and scale) by the lp error and stops when no group in
+its chunk improves. Starting from the round-to-nearest parameters and keeping the best per group
+means HQQ's lp error is never worse than RTN's, group by group. The zero-point ends up fractional
+(a float), which :class:`~qlab.quantize.QuantizedTensor` stores as is: ``Ŵ = s (q - z)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlab.quantize import QuantizedTensor, QuantSpec, check_float_tensor, compute_scale_zero
+
+#: Elements per chunk of groups: 2^18 floats (1 MiB) keep a chunk's temporaries in cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if spec.codebook is not None:
+        raise ValueError(f"spec: HQQ optimizes affine zero-points; codebook {spec.codebook!r} has none")
+    if spec.symmetric:
+        raise ValueError(
+            "spec: HQQ optimizes the zero-point, so it needs an asymmetric spec (symmetric=False)"
+        )
+
+
+def as_groups(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``x`` viewed as ``[n_groups, group_elements]``, groups in the order of the spec's scale tensor.
+
+    Covers per-group (last dim), per-channel along axis 0 and per-tensor granularity, whose blocks
+    are contiguous in memory; per-channel along another axis moves that axis first.
+    """
+    if spec.granularity == "group":
+        return x.reshape(-1, spec.group_size)
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    axis = spec.axis % x.dim()
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _from_groups(g: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.granularity == "channel" and spec.axis % x.dim() != 0:
+        axis = spec.axis % x.dim()
+        moved = [x.shape[axis]] + [n for d, n in enumerate(x.shape) if d != axis]
+        return g.reshape(moved).movedim(0, axis)
+    return g.reshape(x.shape)
+
+
+def shrink_lp(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """The proximal operator of ``|·|^p / β``: ``sign(r) · max(|r| - |r|^(p-1)/β, 0)`` (HQQ eq. 6)."""
+    a = r.abs()
+    if p == 1:
+        return torch.sign(r) * (a - 1 / beta).clamp_min(0)
+    return torch.sign(r) * (a - a.clamp_min(1e-30).pow(p - 1) / beta).clamp_min(0)
+
+
+def _optimize_chunk(
+    wn: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    p: float,
+    iters: int,
+    beta: float,
+    kappa: float,
+    optimize_scale: bool,
+    w: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-quadratic iterations on one chunk. ``wn = w / scale`` (normalized weights).
+
+    Works in normalized units, ``rn = r / s``, so that only ``zero`` changes per step; ``best_*``
+    are the per-group parameters with the lowest ``mean |r|^p`` seen so far.
+    """
+    best_scale, best_zero = scale.clone(), zero.clone()
+    best_err = torch.full_like(zero, float("inf"))
+    s_pow = scale.pow(p)  # |r|^p = s^p |rn|^p
+    for _ in range(iters + 1):
+        t = wn + zero
+        q = t.round().clamp_(0, qmax)
+        rn = t.sub_(q)  # normalized error W/s - (q - z)
+        a = rn.abs().clamp_min_(1e-30)
+        apm1 = a.pow(p - 1)
+        err = (a * apm1).mean(1, keepdim=True) * s_pow
+        better = err < best_err
+        if not bool(better.any()):
+            break
+        best_err = torch.where(better, err, best_err)
+        best_zero = torch.where(better, zero, best_zero)
+        best_scale = torch.where(better, scale, best_scale)
+        # r - shrink(r) = sign(r) min(|r|, |r|^(p-1)/β); in normalized units the threshold is
+        # s^(p-2) |rn|^(p-1) / β.
+        c = scale.pow(p - 2) / beta
+        resid = torch.minimum(a, apm1.mul_(c)).copysign_(rn)
+        if optimize_scale:
+            assert w is not None
+            # Least-squares line fit of the shrunk target W - E = s q - s z, in weight units.
+            target = w - (rn - resid) * scale
+            qm = q.mean(1, keepdim=True)
+            tm = target.mean(1, keepdim=True)
+            qc = q - qm
+            var = qc.pow(2).mean(1, keepdim=True)
+            cov = (qc * (target - tm)).mean(1, keepdim=True)
+            new_scale = torch.where(var > 0, cov / var.clamp_min(1e-30), scale)
+            new_scale = torch.where(new_scale > 0, new_scale, scale)
+            zero = qm - tm / new_scale
+            scale = new_scale
+            wn = w / scale
+            s_pow = scale.pow(p)
+        else:
+            zero = zero - resid.mean(1, keepdim=True)
+        beta *= kappa
+    return best_scale, best_zero
+
+
+@torch.no_grad()
+def hqq_quantize(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    p: float = 0.7,
+    iters: int = 20,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    optimize_scale: bool = False,
+) -> QuantizedTensor:
+    """Quantize ``w`` with HQQ: RTN scales, zero-points optimized for ``mean |W - Ŵ|^p``.
+
+    Args:
+        w: float tensor (a Linear weight ``[out, in]``, or any shape the spec accepts).
+        spec: an asymmetric affine :class:`QuantSpec` (1-8 bits, per-group/channel/tensor).
+        p: the lp "norm" exponent, ``0 < p <= 1``; smaller is more robust to outliers.
+        iters: maximum half-quadratic iterations; each chunk stops early when no group improves.
+        beta, kappa: the penalty weight of the splitting and its growth factor per iteration.
+        optimize_scale: also refit the scale each step (least squares on the shrunk target).
+
+    Returns a :class:`QuantizedTensor` with fractional zero-points: ``w ≈ scale * (codes - zero)``.
+    """
+    check_float_tensor(w, "w")
+    _check_spec(spec)
+    if not 0 < p <= 1:
+        raise ValueError(f"p must be in (0, 1], got {p}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    if beta <= 0 or kappa < 1:
+        raise ValueError(f"need beta > 0 and kappa >= 1, got beta={beta}, kappa={kappa}")
+
+    scale, zero = compute_scale_zero(w, spec)
+    assert zero is not None
+    scale_shape = scale.shape
+    wg = as_groups(w.float(), spec)
+    s = scale.float().reshape(-1, 1)
+    z = zero.float().reshape(-1, 1)
+    n_groups, g = wg.shape
+    rows = max(1, CHUNK_ELEMENTS // g)
+    out_s, out_z = torch.empty_like(s), torch.empty_like(z)
+    for i in range(0, n_groups, rows):
+        sl = slice(i, i + rows)
+        wc = wg[sl].contiguous()
+        out_s[sl], out_z[sl] = _optimize_chunk(
+            wc / s[sl], s[sl], z[sl], spec.qmax, p, iters, beta, kappa, optimize_scale,
+            wc if optimize_scale else None,
+        )  # fmt: skip
+    new_scale = out_s.to(spec.scale_dtype)
+    new_zero = out_z.to(spec.scale_dtype)
+    # Codes from the stored (possibly rounded) scale and zero: q = clamp(round(W/s + z)). With a
+    # fractional zero this differs from round(W/s) + z, so it is computed here, not by quantize_affine.
+    codes_g = (wg / new_scale.float() + new_zero.float()).round_().clamp_(0, spec.qmax)
+    codes = _from_groups(codes_g, w, spec).to(spec.code_dtype)
+    return QuantizedTensor(
+        codes=codes,
+        scale=new_scale.reshape(scale_shape),
+        zero=new_zero.reshape(scale_shape),
+        spec=spec,
+        shape=w.shape,
+        dtype=w.dtype,
+    )
