@@ -205,20 +205,26 @@ def _codebook(name: str) -> Quantizer:
 
 
 def available_methods() -> dict[str, Quantizer]:
-    """Quantizers the explorer offers: RTN, NF4, FP4, plus each of HQQ, GPTQ, AWQ whose module in
-    :mod:`qlab.methods` exposes a ``quantize_weight(x, spec) -> QuantizedTensor`` (data-free form)."""
-    import importlib
-
+    """Data-free quantizers the explorer offers: RTN, NF4, FP4, and HQQ when :mod:`qlab.methods.hqq` is
+    present. (GPTQ needs layer inputs: the explorer adds it when it is given some, see
+    :func:`error_histogram_explorer`.)"""
     methods: dict[str, Quantizer] = {"RTN": _rtn, "NF4": _codebook("nf4"), "FP4": _codebook("fp4")}
-    for name in ("hqq", "gptq", "awq"):
-        try:
-            mod = importlib.import_module(f"qlab.methods.{name}")
-        except ImportError:
-            continue
-        fn = getattr(mod, "quantize_weight", None)
-        if callable(fn):
-            methods[name.upper()] = fn
+    try:
+        from qlab.methods.hqq import hqq_quantize
+    except ImportError:
+        pass
+    else:
+        methods["HQQ"] = hqq_quantize
     return methods
+
+
+def gptq_method(inputs: torch.Tensor) -> Quantizer:
+    """A quantizer that runs GPTQ with the Hessian ``2 XᵀX / n`` of the layer inputs ``inputs`` [..., in]."""
+    from qlab.calibration import hessian
+    from qlab.methods.gptq import gptq_quantize
+
+    H = hessian(inputs.detach().float())
+    return lambda x, spec: gptq_quantize(x, H, spec)
 
 
 def explorer_quantize(
@@ -245,9 +251,18 @@ def explorer_quantize(
     return methods[method](x, spec)
 
 
+def output_sqnr(x: torch.Tensor, xhat: torch.Tensor, inputs: torch.Tensor) -> float:
+    """SQNR (dB) of the layer output ``inputs @ x.T`` vs ``inputs @ xhat.T``: the error GPTQ minimizes."""
+    from qlab.metrics import sqnr
+
+    a = inputs.detach().double().reshape(-1, inputs.shape[-1])
+    return sqnr(a @ x.detach().double().T, a @ xhat.detach().double().T)
+
+
 def error_histogram_explorer(
     tensors: Mapping[str, torch.Tensor] | None = None,
     *,
+    inputs: Mapping[str, torch.Tensor] | None = None,
     methods: Mapping[str, Quantizer] | None = None,
     bits: int = 4,
     seed: int = 0,
@@ -257,6 +272,9 @@ def error_histogram_explorer(
     symmetric/asymmetric, granularity and group size; see the weight histogram with the quantization grid,
     the error histogram, and SQNR, max error and bits per weight.
 
+    ``inputs``: ``{tensor name: layer inputs [..., in]}`` for some tensors. For those, GPTQ is offered and an
+    extra label shows the SQNR of the layer *output* ``inputs @ W.T``, the quantity GPTQ optimizes (its
+    weight SQNR can be lower than RTN's while its output SQNR is higher).
     ``methods`` adds or replaces quantizers (``{name: (x, spec) -> QuantizedTensor}``) beyond
     :func:`available_methods`.
     """
@@ -266,7 +284,16 @@ def error_histogram_explorer(
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0:
             raise TypeError(f"tensors[{name!r}] must be a float tensor with at least one dim")
+    inputs = dict(inputs or {})
+    for name, a in inputs.items():
+        if name not in tensors:
+            raise ValueError(f"inputs[{name!r}] names no tensor; tensors are {list(tensors)}")
+        if not isinstance(a, torch.Tensor) or a.shape[-1] != tensors[name].shape[-1]:
+            raise ValueError(f"inputs[{name!r}] must be a tensor [..., {tensors[name].shape[-1]}]")
     all_methods = {**available_methods(), **(methods or {})}
+    if inputs:
+        all_methods.setdefault("GPTQ", _gptq_placeholder)
+    gptq_cache: dict[str, Quantizer] = {}
     first = next(iter(tensors))
     if static:
         x = tensors[first].detach().float()
@@ -289,14 +316,26 @@ def error_histogram_explorer(
         "sqnr": _label(w, "qlab-sqnr"),
         "max_error": _label(w, "qlab-max-error"),
         "bits_per_weight": _label(w, "qlab-bpw"),
+        "output_sqnr": _label(w, "qlab-output-sqnr"),
         "status": _label(w, "qlab-status"),
     }
     image = w.Image(format="png")
     image.add_class("qlab-figure")
 
     def refresh(_change: object = None) -> None:
-        x = tensors[c["tensor"].value].detach().float()
+        name = c["tensor"].value
+        x = tensors[name].detach().float()
         codebook = c["method"].value in ("NF4", "FP4")
+        chosen = dict(all_methods)
+        if c["method"].value == "GPTQ" and chosen["GPTQ"] is _gptq_placeholder:
+            if name not in inputs:
+                labels[
+                    "status"
+                ].value = f"<span style='color:#b22'>GPTQ needs inputs for {html.escape(name)}</span>"
+                return
+            if name not in gptq_cache:
+                gptq_cache[name] = gptq_method(inputs[name])
+            chosen["GPTQ"] = gptq_cache[name]
         c["bits"].disabled = c["symmetric"].disabled = codebook
         c["group_size"].disabled = c["granularity"].value != "group"
         try:
@@ -307,7 +346,7 @@ def error_histogram_explorer(
                 c["symmetric"].value,
                 c["granularity"].value,
                 c["group_size"].value,
-                all_methods,
+                chosen,
             )
         except ValueError as e:  # an impossible combination: say why, keep the last picture
             labels["status"].value = f"<span style='color:#b22'>{html.escape(str(e))}</span>"
@@ -316,6 +355,11 @@ def error_histogram_explorer(
         for key, text in stats.labels().items():
             labels[key].value = f"<b>{html.escape(text)}</b>"
         labels["status"].value = html.escape(qt.spec.describe())
+        labels["output_sqnr"].value = (
+            f"<b>output SQNR {output_sqnr(x, qt.dequantize(torch.float32), inputs[name]):.2f} dB</b>"
+            if name in inputs
+            else ""
+        )
         fig = plot_error_histogram(
             x, qt, title=f"{c['tensor'].value}: {c['method'].value} {qt.spec.describe()}"
         )
@@ -324,7 +368,7 @@ def error_histogram_explorer(
     for ctl in c.values():
         ctl.observe(refresh, "value")
     refresh()
-    numbers = w.HBox([labels["sqnr"], labels["max_error"], labels["bits_per_weight"]])
+    numbers = w.HBox([labels[k] for k in ("sqnr", "output_sqnr", "max_error", "bits_per_weight")])
     numbers.layout.justify_content = "space-around"
     children = [
         w.HBox([c["tensor"], c["method"]]),
@@ -335,6 +379,11 @@ def error_histogram_explorer(
         image,
     ]
     return _box(w, children, c, labels, image)
+
+
+def _gptq_placeholder(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Stands for GPTQ in the method list; the explorer swaps in :func:`gptq_method` per tensor."""
+    raise ValueError("GPTQ needs layer inputs: pass inputs={tensor name: X} to the explorer")
 
 
 def _group_default(x: torch.Tensor) -> int:
@@ -360,7 +409,10 @@ def _parse_count(text: str) -> int:
     mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
     if mult != 1:
         t = t[:-1]
-    n = float(t) * mult
+    try:
+        n = float(t) * mult
+    except ValueError:
+        raise ValueError(f"parameter count must be a number such as 7e9, 7B or 135M, got {text!r}") from None
     if not math.isfinite(n) or n < 1:
         raise ValueError(f"parameter count must be a positive number, got {text!r}")
     return int(round(n))
@@ -504,6 +556,8 @@ __all__ = [
     "error_histogram_explorer",
     "explorer_quantize",
     "flip_bit",
+    "gptq_method",
+    "output_sqnr",
     "memory_calculator",
     "method_picker",
 ]
