@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from qlab.quantize import QuantizedTensor, QuantSpec, _to_blocks, check_float_tensor, quantize
+from qlab.quantize import BlockView, QuantizedTensor, QuantSpec, check_float_tensor, quantize
 
 #: Block size QLoRA uses for NF4 scales.
 DEFAULT_BLOCK_SIZE = 64
@@ -120,10 +120,9 @@ def quantize_codebook(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         raise ValueError("spec.codebook must be 'nf4' or 'fp4' for quantize_codebook")
     check_float_tensor(x)
     table = codebook_table(spec.codebook)
-    block = spec.block_size(x.shape)
-    xb = _to_blocks(x.float(), block)
-    dims = tuple(range(1, xb.dim(), 2))
-    absmax = xb.abs().amax(dim=dims)
+    bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
+    xb = bv.of(x.float())
+    absmax = torch.maximum(bv.reduce(xb, "max"), -bv.reduce(xb, "min"))
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     scale_q = offset = None
     if spec.double_quant:
@@ -131,8 +130,7 @@ def quantize_codebook(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         # Reconstructed scales can land a hair below the true absmax: values then clip at ±1.
         absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     scale = absmax.to(spec.scale_dtype)
-    view = [d for n in scale.shape for d in (n, 1)]
-    xn = (xb / scale.float().reshape(view)).reshape(x.shape)
+    xn = (xb / bv.per_block(scale.float())).reshape(x.shape)
     codes = nearest_code(xn, table)
     return QuantizedTensor(
         codes=codes,

@@ -23,6 +23,7 @@ A last dimension that is not a multiple of the codes per unit is padded with zer
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -74,9 +75,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 3:
         return _pack3(codes)
     per = 8 // bits
-    c = _pad_last(codes, per).reshape(*codes.shape[:-1], -1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
-    return (c << shifts).sum(dim=-1).to(torch.uint8)
+    c = _pad_last(codes, per)
+    # One strided pass per slot of the byte: code j of every byte goes to bits [bits*j, bits*(j+1)).
+    out = c[..., 0::per].clone()
+    for j in range(1, per):
+        out |= c[..., j::per] << (bits * j)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -127,6 +131,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and int(codes.max()) > MASKS[bits]:
         raise ValueError(f"codes must be < 2**{bits} = {2**bits}, got max {int(codes.max())}")
     per = codes_per_int32(bits)
+    if bits != 3 and sys.byteorder == "little":  # the byte layout read as little-endian words
+        return pack(_pad_last(codes, per), bits).view(torch.int32)
     c = _pad_last(codes, per).reshape(*codes.shape[:-1], -1, per).to(torch.int64)
     shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(dim=-1)

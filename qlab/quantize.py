@@ -142,26 +142,46 @@ class QuantSpec:
         return f"int{self.bits} {kind} {gran}"
 
 
-def _blocked_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
-    """[s0, s1, ...] -> [s0/b0, b0, s1/b1, b1, ...] so each block's elements share odd axes."""
-    out: list[int] = []
-    for n, b in zip(shape, block, strict=True):
-        out += [n // b, b]
-    return tuple(out)
+class BlockView:
+    """A reshaped view of a tensor where each block's elements sit on ``reduce_dims``.
 
+    The blocked shape ``[s0/b0, b0, s1/b1, b1, ...]`` is compacted (size-1 axes dropped, adjacent
+    axes of the same kind merged) because reductions over a few contiguous dims are several times
+    faster in torch than over many strided ones. ``scale_shape`` is how per-block tensors of the
+    canonical shape ``[s0/b0, s1/b1, ...]`` broadcast against the view.
+    """
 
-def _to_blocks(x: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
-    return x.reshape(_blocked_shape(tuple(x.shape), block))
+    def __init__(self, shape: tuple[int, ...], block: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.scales = tuple(n // b for n, b in zip(shape, block, strict=True))
+        view: list[int] = []
+        kinds: list[bool] = []  # True = block axis (reduced), False = count axis
+        for n, b in zip(shape, block, strict=True):
+            for size, is_block in ((n // b, False), (b, True)):
+                if size == 1:
+                    continue
+                if kinds and kinds[-1] == is_block:
+                    view[-1] *= size
+                else:
+                    view.append(size)
+                    kinds.append(is_block)
+        if True not in kinds:  # every block is one element: reduce over a trailing unit axis
+            view.append(1)
+            kinds.append(True)
+        self.view = tuple(view)
+        self.reduce_dims = tuple(i for i, k in enumerate(kinds) if k)
+        self.scale_shape = tuple(1 if k else n for n, k in zip(view, kinds, strict=True))
 
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.view)
 
-def _scale_view(s: torch.Tensor) -> torch.Tensor:
-    """Scale of shape [n0, n1, ...] viewed as [n0, 1, n1, 1, ...] to broadcast over blocks."""
-    return s.reshape([d for n in s.shape for d in (n, 1)])
+    def per_block(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-block tensor (canonical shape) reshaped to broadcast against :meth:`of`."""
+        return t.reshape(self.scale_shape)
 
-
-def _block_reduce(xb: torch.Tensor, op: str) -> torch.Tensor:
-    dims = tuple(range(1, xb.dim(), 2))
-    return xb.amax(dim=dims) if op == "max" else xb.amin(dim=dims)
+    def reduce(self, xv: torch.Tensor, op: str) -> torch.Tensor:
+        r = xv.amax(dim=self.reduce_dims) if op == "max" else xv.amin(dim=self.reduce_dims)
+        return r.reshape(self.scales)
 
 
 def _round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -231,15 +251,14 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reconstruct the float tensor: ``scale * (q - zero)`` (or ``scale * table[q]``)."""
         dtype = dtype or self.dtype
-        block = self.block_size
+        bv = BlockView(tuple(self.shape), self.block_size)
         if self.codebook is not None:
-            values = self.codebook.float()[self.codes.long()]
+            values = bv.of(self.codebook.float()[self.codes.long()])
         else:
-            values = self.codes.float()
-        vb = _to_blocks(values, block)
+            values = bv.of(self.codes.float())
         if self.zero is not None:
-            vb = vb - _scale_view(self.zero.float())
-        return (vb * _scale_view(self.scales())).reshape(self.shape).to(dtype)
+            values = values - bv.per_block(self.zero.float())
+        return (values * bv.per_block(self.scales())).reshape(self.shape).to(dtype)
 
     def unsigned_codes(self) -> torch.Tensor:
         """Codes shifted into ``[0, 2^bits - 1]`` (uint8), the form :mod:`qlab.packing` stores.
@@ -298,15 +317,15 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     Blocks whose range is 0 get ``scale = 1`` (any scale represents all-zero blocks exactly; this
     avoids a division by zero).
     """
-    block = spec.block_size(x.shape)
-    xb = _to_blocks(x.float(), block)
+    bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
+    xb = bv.of(x.float())
     if spec.symmetric:
-        amax = torch.maximum(_block_reduce(xb, "max"), -_block_reduce(xb, "min"))
+        amax = torch.maximum(bv.reduce(xb, "max"), -bv.reduce(xb, "min"))
         scale = amax / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return _round_scale_up(scale, spec.scale_dtype), None
-    lo = _block_reduce(xb, "min").clamp(max=0)
-    hi = _block_reduce(xb, "max").clamp(min=0)
+    lo = bv.reduce(xb, "min").clamp(max=0)
+    hi = bv.reduce(xb, "max").clamp(min=0)
     scale = (hi - lo) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = _round_scale_up(scale, spec.scale_dtype)
@@ -323,12 +342,13 @@ def quantize_affine(
     Rounding is half-to-even (``torch.round``). Methods that choose their own scales (HQQ, GPTQ,
     AWQ) call this to produce codes in the shared convention.
     """
-    block = spec.block_size(x.shape)
-    xb = _to_blocks(x.float(), block)
-    q = torch.round(xb / _scale_view(scale.float()))
+    bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
+    # In-place after the first op: one temporary instead of four full-size ones.
+    q = bv.of(x.float()).div(bv.per_block(scale.float()))
+    q.round_()
     if zero is not None:
-        q = q + _scale_view(zero.float())
-    return q.clamp(spec.qmin, spec.qmax).reshape(x.shape).to(spec.code_dtype)
+        q.add_(bv.per_block(zero.float()))
+    return q.clamp_(spec.qmin, spec.qmax).reshape(x.shape).to(spec.code_dtype)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec | None = None, **kwargs) -> QuantizedTensor:
