@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from qlab.quantize import BlockView, QuantizedTensor, QuantSpec, check_float_tensor, quantize
+from qlab.quantize import (
+    BlockView,
+    QuantizedTensor,
+    QuantSpec,
+    check_finite_extrema,
+    check_float_tensor,
+    quantize,
+)
 
 #: Block size QLoRA uses for NF4 scales.
 DEFAULT_BLOCK_SIZE = 64
@@ -118,11 +125,13 @@ def quantize_codebook(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     """Blockwise absmax lookup quantization: ``q = nearest(x / absmax)`` in the spec's table."""
     if spec.codebook is None:
         raise ValueError("spec.codebook must be 'nf4' or 'fp4' for quantize_codebook")
-    check_float_tensor(x)
+    check_float_tensor(x, finite=False)
     table = codebook_table(spec.codebook)
     bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
     xb = bv.of(x.float())
-    absmax = torch.maximum(bv.reduce(xb, "max"), -bv.reduce(xb, "min"))
+    lo, hi = bv.reduce(xb, "min"), bv.reduce(xb, "max")
+    check_finite_extrema(lo, hi)
+    absmax = torch.maximum(hi, -lo)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     scale_q = offset = None
     if spec.double_quant:

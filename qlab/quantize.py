@@ -199,15 +199,27 @@ def _round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s
 
 
-def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
-    """Raise a ValueError/TypeError naming ``name`` unless ``x`` is a finite, non-empty float tensor."""
+def check_float_tensor(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> None:
+    """Raise a ValueError/TypeError naming ``name`` unless ``x`` is a finite, non-empty float tensor.
+
+    ``finite=False`` skips the finiteness pass for callers that check block extrema instead
+    (:func:`check_finite_extrema`), which costs nothing extra.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
-    if not torch.isfinite(x).all():
+    if finite:
+        # max and min propagate NaN and expose ±Inf: two cheap reductions instead of an
+        # elementwise isfinite mask over the whole tensor.
+        check_finite_extrema(x.amin(), x.amax(), name)
+
+
+def check_finite_extrema(lo: torch.Tensor, hi: torch.Tensor, name: str = "x") -> None:
+    """Raise unless the (block) minima ``lo`` and maxima ``hi`` are finite."""
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError(f"{name} contains NaN or Inf; quantization needs finite values")
 
 
@@ -319,13 +331,14 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     """
     bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
     xb = bv.of(x.float())
+    lo, hi = bv.reduce(xb, "min"), bv.reduce(xb, "max")
+    check_finite_extrema(lo, hi)
     if spec.symmetric:
-        amax = torch.maximum(bv.reduce(xb, "max"), -bv.reduce(xb, "min"))
+        amax = torch.maximum(hi, -lo)
         scale = amax / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return _round_scale_up(scale, spec.scale_dtype), None
-    lo = bv.reduce(xb, "min").clamp(max=0)
-    hi = bv.reduce(xb, "max").clamp(min=0)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = (hi - lo) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = _round_scale_up(scale, spec.scale_dtype)
@@ -364,7 +377,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec | None = None, **kwargs) -> Quanti
         raise ValueError("pass either spec or keyword arguments, not both")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    check_float_tensor(x)
+    check_float_tensor(x, finite=False)  # block extrema are checked where they are computed
     if spec.codebook is not None:
         from qlab.codebooks import quantize_codebook  # codebooks builds on this module
 
