@@ -7,7 +7,8 @@ For every ``M`` (rows of activations) and square weight ``N = K``, it times with
 
 * torch fp16 ``F.linear`` (cuBLAS): the baseline;
 * qlab W8A16 (int8 symmetric per-channel), W4A16 (int4 asymmetric g128), W2A16 (int2 asymmetric g64)
-  and NF4 (block 64), all through :func:`qlab.kernels.dequant_matmul` with fp16 activations;
+  and NF4 (block 64), all through :func:`qlab.kernels.dequant_matmul` with fp16 activations and
+  fp16 scales/zeros;
 * a peer: torch's own int4 "tinygemm" CUDA op (bf16 activations, the kernel behind torchao's int4
   weight-only) on the same int4 g128 codes. If it fails it is reported in the table, not hidden.
   (gemlite was not added: no GPU was available to check its API against a real run.)
@@ -63,6 +64,10 @@ class Variant:
             self.codebook = NF4_VALUES.to(w.device)
         else:
             self.packed, self.scale, self.zero = quantize_pack(w, bits, group_size, symmetric=fmt == "sym")
+        # Scales and zeros in fp16, as GPU int4 kernels store them: g128 costs 0.25 bits per weight
+        # instead of 0.5 with fp32 (zero-points are small integers, exact in fp16).
+        self.scale = self.scale.half()
+        self.zero = None if self.zero is None else self.zero.half()
         parts = [self.packed, self.scale] + ([self.zero] if self.zero is not None else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in parts)
 

@@ -10,12 +10,16 @@ Kernels run compiled on CUDA tensors, or on CPU tensors in Triton's interpreter 
 has ``TRITON_INTERPRET=1`` (set it before importing triton; slow, but exact, and how the tests and
 lesson 07 run without a GPU). ``import qlab.kernels`` works where triton is missing: :data:`HAS_TRITON`
 is then False and the functions raise a RuntimeError saying so.
+
+:mod:`qlab.kernels.roofline` (plain Python, no triton) models why weight-only quantization speeds up
+decode and not prefill.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import roofline
 from ._launch import interpret_mode
 
 try:
@@ -34,6 +38,7 @@ __all__ = [
     "quantize_pack",
     "quantize_pack_reference",
     "PackedWeight",
+    "roofline",
 ]
 
 
