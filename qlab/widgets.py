@@ -3,7 +3,8 @@
 
 Each function returns an ``ipywidgets.VBox``. The figure lives in one ``ipywidgets.Image`` whose PNG bytes are
 replaced on every change, so the picture swaps in place without flicker; the numbers sit in ``HTML`` labels
-with stable CSS classes (``qlab-sqnr``, ``qlab-max-error``, ``qlab-bpw``, ...) that the browser test reads.
+with stable CSS classes (``qlab-sqnr``, ``qlab-max-error``, ``qlab-bpw``, ...) that the browser test reads;
+each control carries ``qlab-control-<name>`` (``qlab-control-bits``, ``qlab-control-granularity``, ...).
 For tests and curious readers the returned box carries three plain attributes:
 
 * ``box.controls``: name -> control widget (set ``.value`` to drive it programmatically);
@@ -72,6 +73,8 @@ def _label(w: Any, css: str, text: str = "") -> Any:
 def _box(w: Any, children: list[Any], controls: dict[str, Any], labels: dict[str, Any], image: Any) -> Any:
     box = w.VBox(children)
     box.add_class("qlab-widget")
+    for name, ctl in controls.items():
+        ctl.add_class("qlab-control-" + name.replace("_", "-"))  # e.g. .qlab-control-bits, for browser tests
     box.controls, box.labels, box.image = controls, labels, image
     return box
 
@@ -351,19 +354,21 @@ def error_histogram_explorer(
         except ValueError as e:  # an impossible combination: say why, keep the last picture
             labels["status"].value = f"<span style='color:#b22'>{html.escape(str(e))}</span>"
             return
+        # The picture first, the numbers last: widget messages arrive in order, so whoever sees the new
+        # numbers (a learner, the browser test) already has the new picture.
+        fig = plot_error_histogram(
+            x, qt, title=f"{c['tensor'].value}: {c['method'].value} {qt.spec.describe()}"
+        )
+        image.value = figure_png(fig)
         stats = error_stats(x, qt)
-        for key, text in stats.labels().items():
-            labels[key].value = f"<b>{html.escape(text)}</b>"
-        labels["status"].value = html.escape(qt.spec.describe())
         labels["output_sqnr"].value = (
             f"<b>output SQNR {output_sqnr(x, qt.dequantize(torch.float32), inputs[name]):.2f} dB</b>"
             if name in inputs
             else ""
         )
-        fig = plot_error_histogram(
-            x, qt, title=f"{c['tensor'].value}: {c['method'].value} {qt.spec.describe()}"
-        )
-        image.value = figure_png(fig)
+        labels["status"].value = html.escape(qt.spec.describe())
+        for key, text in stats.labels().items():
+            labels[key].value = f"<b>{html.escape(text)}</b>"
 
     for ctl in c.values():
         ctl.observe(refresh, "value")
@@ -460,13 +465,13 @@ def memory_calculator(
         rows = [estimate_memory(entry, s) for s in SCHEMES]
         chosen = estimate_memory(entry, c["scheme"].value)
         fits = chosen.total <= c["memory"].value
-        labels["fits"].value = (
-            f"<b>{html.escape(chosen.label)}: {format_bytes(chosen.total)}, "
-            f"fits in {format_bytes(c['memory'].value)}: {'yes' if fits else 'no'}</b>"
-        )
         name = c["params"].value + " params" if custom else c["model"].value
         image.value = figure_png(
             plot_memory(rows, gpu_bytes=c["memory"].value, title=f"{name}: weight memory")
+        )
+        labels["fits"].value = (
+            f"<b>{html.escape(chosen.label)}: {format_bytes(chosen.total)}, "
+            f"fits in {format_bytes(c['memory'].value)}: {'yes' if fits else 'no'}</b>"
         )
 
     for ctl in c.values():

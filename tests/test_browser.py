@@ -1,0 +1,215 @@
+"""The error-histogram explorer in a real JupyterLab, driven by headless Chromium.
+
+Starts JupyterLab on a loopback port with a random token and a temporary root holding one small notebook,
+opens it in Debian's ``chromium`` through the ``playwright`` package (its own browser download cannot work
+offline), runs the widget cell, then moves the bits slider and changes the granularity dropdown, and checks
+that the SQNR label and the figure change as they should. Screenshots land in ``test-artifacts/``: one on
+success (``browser_success.png``), one on failure (``browser_failure.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WIDGET_CELL = "from qlab.widgets import error_histogram_explorer\nbox = error_histogram_explorer(bits=2)\nbox"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _requirements() -> str:
+    """Path to chromium, or skip with the reason."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); `playwright install` is offline"
+        )
+    for module in ("playwright", "jupyterlab", "ipywidgets", "nbformat"):
+        pytest.importorskip(module, reason=f"the browser test needs {module}")
+    return chromium
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 with a token; yields (base url, token, root dir)."""
+    _requirements()
+    import nbformat
+
+    root = tmp_path_factory.mktemp("lab-root")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# widget check"), nbformat.v4.new_code_cell(WIDGET_CELL)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "widget_check.ipynb")
+    home = tmp_path_factory.mktemp("lab-home")
+    env = {
+        **os.environ,
+        # keep the learner's own settings and workspaces out of the test, and the test's out of theirs
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    port, token = _free_port(), secrets.token_hex(16)
+    log = open(home / "lab.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=",
+            *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),  # CI containers
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"JupyterLab did not start:\n{(home / 'lab.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        # Start the notebook's kernel through the REST API, so the page attaches to it without asking which
+        # kernel to use (JupyterLab's "Select Kernel" dialog).
+        body = json.dumps({"path": "widget_check.ipynb", "type": "notebook", "kernel": {"name": "python3"}})
+        request = urllib.request.Request(
+            f"{base}/api/sessions",
+            data=body.encode(),
+            headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 201, r.status
+        yield base, token, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _sqnr(page) -> float:
+    text = page.locator(".qlab-sqnr").inner_text()
+    match = re.search(r"SQNR (-?[0-9.]+) dB", text)
+    assert match, f"no SQNR in {text!r}"
+    return float(match.group(1))
+
+
+def _run_cell(page, cell) -> None:
+    """Run ``cell`` in place (Ctrl+Enter) once the kernel takes it: a run sent before the page has connected
+    to the kernel is dropped, so retry until the prompt shows ``[*]`` or a count."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        dialog = page.locator(".jp-Dialog button.jp-mod-accept")  # "Select Kernel", should it appear
+        if dialog.count():
+            dialog.first.click()
+        cell.locator(".cm-content").click()
+        page.keyboard.press("Control+Enter")
+        try:
+            page.wait_for_function(
+                "el => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
+                arg=cell.locator(".jp-InputPrompt").element_handle(),
+                timeout=5_000,
+            )
+            return
+        except Exception:  # playwright's TimeoutError: not taken yet
+            continue
+    raise AssertionError("the kernel never ran the widget cell")
+
+
+def test_error_histogram_explorer_in_jupyterlab(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token, _root = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_requirements(), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        try:
+            page.goto(f"{base}/lab/tree/widget_check.ipynb?token={token}", timeout=60_000)
+            cell = page.locator(".jp-CodeCell").first
+            cell.wait_for(timeout=60_000)
+            news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast
+            if news.count():
+                news.first.click()
+            _run_cell(page, cell)
+
+            sqnr_label = page.locator(".qlab-sqnr")
+            expect(sqnr_label).to_contain_text("SQNR", timeout=90_000)
+            figure = page.locator("img.qlab-figure")
+            expect(figure).to_be_visible()
+            sqnr_2bit, src_2bit = _sqnr(page), figure.get_attribute("src")
+            assert page.locator(".qlab-bpw").inner_text().strip() == "bits per weight 3.000"
+
+            # move the bits slider: focus its handle and step it right with the keyboard (2 -> 6)
+            handle = page.locator(".qlab-control-bits .noUi-handle")
+            handle.focus()
+            for _ in range(4):
+                handle.press("ArrowRight")
+            expect(page.locator(".qlab-control-bits .widget-readout")).to_have_text("6")
+            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+            sqnr_6bit = _sqnr(page)
+            assert sqnr_6bit > sqnr_2bit + 18, (sqnr_2bit, sqnr_6bit)  # about 6 dB per bit
+            expect(figure).not_to_have_attribute("src", src_2bit, timeout=30_000)
+            src_6bit = figure.get_attribute("src")
+
+            # change a dropdown: per-tensor scales lose to groups of 64 on this outlier-free tensor
+            page.locator(".qlab-control-granularity select").select_option("tensor")
+            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.000", timeout=30_000)
+            sqnr_tensor = _sqnr(page)
+            assert sqnr_tensor < sqnr_6bit, (sqnr_6bit, sqnr_tensor)
+            expect(figure).not_to_have_attribute("src", src_6bit, timeout=30_000)
+            # the status bar says Idle once the last update has run: the screenshot shows the final state
+            expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "browser_success.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
