@@ -714,6 +714,7 @@ def quantize_model(
             new = QuantLinear.from_linear(mod, config.for_module(name))
             done[key] = new
         _set_module(model, name, new)
+    model.qlab_config = config  # what qlab.io.save_quantized records
     return model
 
 
