@@ -90,6 +90,22 @@ def roofline_time(
     return max(flops / acc.peak_flops, nbytes / acc.bandwidth)
 
 
-def ideal_speedup(acc: Accelerator, m: int, n: int, k: int, weight_bits: float, **byte_kw: float) -> float:
-    """How much faster the quantized layer could be than fp16 weights on ``acc``, by the roofline."""
-    return roofline_time(acc, m, n, k, 16) / roofline_time(acc, m, n, k, weight_bits, **byte_kw)
+def ideal_speedup(
+    acc: Accelerator,
+    m: int,
+    n: int,
+    k: int,
+    weight_bits: float,
+    group_size: int | None = None,
+    bytes_per_group: float = 0.0,
+    act_bytes: float = 2.0,
+) -> float:
+    """How much faster the quantized layer could be than fp16 weights on ``acc``, by the roofline.
+
+    Both layers move the same activations (``act_bytes`` each); only the weights differ.
+    """
+    fp16 = roofline_time(acc, m, n, k, 16, act_bytes=act_bytes)
+    quant = roofline_time(
+        acc, m, n, k, weight_bits, group_size=group_size, bytes_per_group=bytes_per_group, act_bytes=act_bytes
+    )
+    return fp16 / quant

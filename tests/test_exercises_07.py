@@ -1,0 +1,65 @@
+"""Lesson 07 exercises: the reference solutions pass, typical wrong answers fail with a hint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qlab.kernels.roofline import H100, H200
+
+from qlab.exercises.lesson07 import check_decode_intensity, check_ridge_batch, check_unpack
+
+
+def unpack_solution(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The notebook's solution: shift every word by bits * j for each slot j, then mask."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (words[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*words.shape[:-1], -1)
+
+
+def unpack_no_mask(words: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = words[..., None] >> shifts
+    return codes.reshape(*words.shape[:-1], -1) % 2**31  # keeps sign garbage in the high bits
+
+
+def unpack_msb_first(words: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 32 // bits
+    shifts = (per - 1 - torch.arange(per, dtype=torch.int32)) * bits
+    return ((words[..., None] >> shifts) & (2**bits - 1)).reshape(*words.shape[:-1], -1)
+
+
+def test_unpack_solution_passes_and_wrong_ones_fail(capsys):
+    assert check_unpack(unpack_solution)
+    assert "correct" in capsys.readouterr().out
+    assert not check_unpack(unpack_msb_first, quiet=True)
+    assert not check_unpack(lambda w, b: w, quiet=True)  # shape is wrong: not unpacked
+    result = check_unpack(unpack_no_mask, quiet=True)
+    assert not result and "mask" in result.message
+
+
+def test_unpack_rejects_a_non_function():
+    with pytest.raises(TypeError, match="unpack must be a function"):
+        check_unpack(42)
+
+
+def test_intensity_solution_and_typical_mistakes():
+    assert check_decode_intensity(1, 4, 2 * 1 / (4 / 8), quiet=True)  # 4 FLOPs per byte
+    assert check_decode_intensity(16, 2, 128.0, quiet=True)
+    assert check_decode_intensity(1, 16, torch.tensor(1.0), quiet=True)
+    forgot_bytes = check_decode_intensity(1, 4, 2.0, quiet=True)  # FLOPs per weight
+    assert not forgot_bytes and "bits / 8" in forgot_bytes.message
+    half = check_decode_intensity(16, 2, 64.0, quiet=True)  # counted one FLOP per multiply-add
+    assert not half and "2 FLOPs" in half.message
+    with pytest.raises(TypeError, match="answer must be a number"):
+        check_decode_intensity(1, 4, "4")
+
+
+def test_ridge_solution_and_typical_mistakes():
+    assert check_ridge_batch(H100, 4, H100.peak_flops / H100.bandwidth * 4 / 16, quiet=True)
+    assert check_ridge_batch(H200, 2, 989e12 / 4.8e12 / 8, quiet=True)
+    ridge_itself = check_ridge_batch(H100, 4, H100.ridge, quiet=True)
+    assert not ridge_itself and "solve" in ridge_itself.message
+    upside_down = check_ridge_batch(H100, 4, H100.ridge * 16 / 4, quiet=True)
+    assert not upside_down and "upside down" in upside_down.message
