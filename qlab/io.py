@@ -139,7 +139,7 @@ def save_quantized(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {
         n: _layer_entry(m)
-        for n, m in model.named_modules()
+        for n, m in model.named_modules(remove_duplicate=False)  # a shared layer is listed under each name
         if isinstance(m, QuantLinear) or _is_int8linear(m)
     }
     if config is None:

@@ -724,7 +724,11 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     quantized one computes on the reference path."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, mod in list(model.named_modules()):
+    replaced: dict[int, nn.Linear] = {}
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if id(mod) in replaced:  # a layer shared under several names stays shared
+            _set_module(model, name, replaced[id(mod)])
+            continue
         if isinstance(mod, QuantLinear):
             w = mod.effective_weight()
         elif type(mod).__name__ == "Int8Linear" and hasattr(mod, "weight_dequantized"):
@@ -738,6 +742,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             lin.weight.copy_(w)
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias)
+        replaced[id(mod)] = lin
         if name:
             _set_module(model, name, lin)
         else:
@@ -828,4 +833,4 @@ def memory_footprint(model: nn.Module) -> MemoryFootprint:
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     """``{name: QuantLinear}`` in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}

@@ -1,0 +1,341 @@
+"""QuantLinear, forward dispatch parity, quantize_model / dequantize_model / memory_footprint."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlab.codebooks import NF4_VALUES
+from qlab.config import QuantConfig
+from qlab.nn import (
+    FAST_PATH_RTOL,
+    QuantLinear,
+    dequantize_model,
+    memory_footprint,
+    quant_linears,
+    quantize_model,
+    select_path,
+    use_path,
+)
+from qlab.quantize import QuantSpec, quantize
+
+K, N = 256, 64
+
+# (config, CPU path it must take: the dequantize-then-matmul reference is never the default)
+SETTINGS = {
+    "w8 per-channel": (QuantConfig("rtn", 8, None), "int8"),
+    "w8 sym g64": (QuantConfig("rtn", 8, 64), "int8"),
+    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), "int8"),
+    "w4 g128": (QuantConfig("rtn", 4, 128), "int4"),
+    "w4 g32": (QuantConfig("rtn", 4, 32), "int4"),
+    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), "int4"),
+    "w3 g64": (QuantConfig("rtn", 3, 64), "int4"),
+    "w2 g64": (QuantConfig("rtn", 2, 64), "int4"),
+    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), "int4"),
+    "nf4 b64": (QuantConfig("nf4", 4, 64), "int8"),
+    "fp4 b32": (QuantConfig("fp4", 4, 32), "int8"),
+    "fp8": (QuantConfig("fp8", 8, None), "fp8_bf16"),
+    "w8a8": (QuantConfig("w8a8", 8, None), "int_mm"),
+}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N, bias=True)
+    with torch.no_grad():
+        lin.weight[:, 7] *= 8  # an outlier input channel, as real models have
+    return lin
+
+
+@pytest.fixture(scope="module")
+def layers(linear) -> dict[str, QuantLinear]:
+    return {k: QuantLinear.from_linear(linear, cfg) for k, (cfg, _) in SETTINGS.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity of every forward path with the reference
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, K), (16, K), (2, 3, K)])
+def test_fast_path_matches_reference(layers, name, dtype, shape):
+    layer = layers[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert select_path(layer, x) == SETTINGS[name][1]
+    with torch.inference_mode():
+        y = layer(x)
+        with use_path("reference"):
+            ref = layer(x)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    assert rel_err(y, ref) < FAST_PATH_RTOL
+
+
+@pytest.mark.parametrize("name", ["w4 g128", "nf4 b64", "w8a8"])
+def test_no_grad_and_inference_mode_agree(layers, name):
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        a = layers[name](x)
+    with torch.inference_mode():
+        b = layers[name](x)
+    assert torch.equal(a, b)
+
+
+def test_reference_path_is_dequantize_then_linear(layers, linear):
+    x = torch.randn(4, K)
+    for name, layer in layers.items():
+        if name == "w8a8":
+            continue  # activations are quantized too: tested separately
+        with use_path("reference"), torch.no_grad():
+            y = layer(x)
+        expected = F.linear(x, layer.dequantize(torch.float32), linear.bias.detach())
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_grad_flows_through_reference_path(layers):
+    layer = layers["w4 g128"]
+    x = torch.randn(3, K, requires_grad=True)
+    assert select_path(layer, x) == "reference"
+    layer(x).sum().backward()
+    expected = layer.dequantize(torch.float32).sum(0).expand(3, K)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_empty_batch(layers):
+    with torch.no_grad():
+        assert layers["w4 g128"](torch.zeros(0, K)).shape == (0, N)
+
+
+# ------------------------------------------------------------------------------------------------
+# Storage: packed codes, scales, zeros; dequantize against plain torch
+# ------------------------------------------------------------------------------------------------
+def test_int4_group_dequantize_matches_plain_torch(linear):
+    w = linear.weight.detach()
+    layer = QuantLinear.from_linear(linear, QuantConfig("rtn", 4, 64))
+    # Independent group-wise asymmetric RTN: the range is widened to include 0.
+    wg = w.reshape(N, K // 64, 64)
+    lo = wg.amin(-1, keepdim=True).clamp(max=0)
+    hi = wg.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    q = (torch.round(wg / scale) + zero).clamp(0, 15)
+    expected = ((q - zero) * scale).reshape(N, K)
+    torch.testing.assert_close(layer.dequantize(), expected, rtol=0, atol=1e-6)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (N, K // 2)
+    assert layer.scale.shape == (N, K // 64) and layer.zero.shape == (N, K // 64)
+    low, high = layer.qweight[0, 0] & 0b1111, layer.qweight[0, 0] >> 4  # two codes per byte, c0 low
+    assert (int(low), int(high)) == (int(q.reshape(N, K)[0, 0]), int(q.reshape(N, K)[0, 1]))
+
+
+def test_nbytes_counts_packed_storage(layers):
+    assert layers["w2 g64"].nbytes == N * K // 4 + 2 * 4 * N * (K // 64) + 4 * N
+    assert layers["w8 per-channel"].nbytes == N * K + 4 * N + 4 * N
+    assert layers["nf4 b64"].nbytes == N * K // 2 + 4 * N * (K // 64) + 4 * N
+
+
+def test_from_quantized_keeps_the_quantized_tensor_exactly(linear):
+    w = linear.weight.detach()
+    for spec in (
+        QuantSpec.per_group(3, 32),
+        QuantSpec.per_channel(8),
+        QuantSpec.per_tensor(4, symmetric=False),
+    ):
+        qt = quantize(w, spec)
+        layer = QuantLinear.from_quantized((N, K), qt)
+        assert torch.equal(layer.dequantize(), qt.dequantize())
+        back = layer.quantized_tensor()
+        assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale)
+
+
+def test_input_scale_divides_x(linear):
+    w = linear.weight.detach()
+    s = torch.rand(K) + 0.5
+    qt = quantize(w * s, QuantSpec.per_group(4, 64))
+    layer = QuantLinear.from_quantized(linear, qt, input_scale=s)
+    x = torch.randn(3, K)
+    expected = F.linear(x / s, qt.dequantize(), linear.bias.detach())
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < FAST_PATH_RTOL
+        with use_path("reference"):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.effective_weight(), qt.dequantize() / s)
+
+
+def test_fp8_weights_match_torch_cast(linear):
+    w = linear.weight.detach()
+    layer = QuantLinear.from_linear(linear, QuantConfig("fp8", 8, None))
+    scale = w.abs().amax(1, keepdim=True) / 448
+    expected = (w / scale).to(torch.float8_e4m3fn).float() * scale
+    assert layer.qweight.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(layer.dequantize(), expected)
+
+
+def test_w8a8_matches_plain_torch(linear):
+    w = linear.weight.detach()
+    layer = QuantLinear.from_linear(linear, QuantConfig("w8a8", 8, None))
+    x = torch.randn(5, K)
+    sw = w.abs().amax(1) / 127
+    qw = torch.round(w / sw[:, None])
+    sx = x.abs().amax(1, keepdim=True) / 127
+    qx = torch.round(x / sx)
+    expected = (qx @ qw.T) * sx * sw + linear.bias.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+        with use_path("reference"):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_nf4_codebook_and_cache(layers):
+    layer = layers["nf4 b64"]
+    assert torch.equal(layer.codebook, NF4_VALUES)
+    layer.clear_cache()
+    assert layer.runtime_nbytes() == 0
+    with torch.no_grad():
+        layer(torch.randn(1, K))
+    assert layer.runtime_nbytes() > 0
+    assert "nf4 b64" in repr(layer) and "4.50 bits/weight" in repr(layer)
+
+
+def test_cache_follows_loaded_state(linear):
+    a = QuantLinear.from_linear(linear, QuantConfig("rtn", 4, 64))
+    b = QuantLinear.from_linear(nn.Linear(K, N), QuantConfig("rtn", 4, 64))
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        b(x)  # builds b's cache
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(b(x), a(x))
+
+
+def test_conv1d_is_supported():
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(N, K)  # GPT-2: weight [in, out]
+    torch.nn.init.normal_(conv.weight)
+    layer = QuantLinear.from_linear(conv, QuantConfig("rtn", 8, None))
+    x = torch.randn(2, 3, K)
+    with torch.no_grad():
+        assert rel_err(layer(x), conv(x)) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------------
+def test_bad_inputs(linear, layers):
+    layer = layers["w4 g128"]
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 256\]"):
+        layer(torch.randn(2, K + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, K, dtype=torch.int64))
+    with pytest.raises(ValueError, match="spec.bits must be one of"):
+        QuantLinear(K, N, QuantSpec.per_group(6, 64))
+    with pytest.raises(ValueError, match="in_features"):
+        QuantLinear(0, N, QuantSpec.per_group(4, 64))
+    with pytest.raises(TypeError, match="linear"):
+        QuantLinear.from_linear(nn.ReLU(), QuantConfig())
+    with pytest.raises(ValueError, match="calibration"):
+        QuantLinear.from_linear(linear, QuantConfig("gptq", 4, 128))
+    qt = quantize(linear.weight.detach(), QuantSpec.per_group(4, 64))
+    with pytest.raises(ValueError, match="expected the layer"):
+        QuantLinear.from_quantized((N + 1, K), qt)
+    with pytest.raises(ValueError, match="input_scale must have shape"):
+        QuantLinear.from_quantized(linear, qt, input_scale=torch.ones(K + 1))
+    with pytest.raises(ValueError, match="axis=0"):
+        QuantLinear(K, N, QuantSpec.per_channel(8, axis=1))
+    with pytest.raises(ValueError, match="double-quantized"):
+        QuantLinear.from_linear(
+            linear, QuantSpec(4, False, "group", group_size=64, codebook="nf4", double_quant=True)
+        )
+    with pytest.raises(ValueError, match="path must be"):
+        with use_path("fast"):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models
+# ------------------------------------------------------------------------------------------------
+class Toy(nn.Module):
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, K)
+        self.fc1 = nn.Linear(K, K)
+        self.fc2 = nn.Linear(K, K)
+        self.fc2b = nn.Linear(K, K)
+        self.fc2b.weight = self.fc2.weight  # two linears sharing one weight
+        self.lm_head = nn.Linear(K, 50, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = self.fc2(torch.relu(self.fc1(h))) + self.fc2b(h)
+        return self.lm_head(h)
+
+
+def test_quantize_model_skip_overrides_and_ties():
+    torch.manual_seed(0)
+    model = Toy()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        ref = model(ids)
+    cfg = QuantConfig("rtn", 4, 64, skip=(), overrides={"fc1": {"bits": 8, "group_size": None}})
+    with pytest.warns(UserWarning, match="lm_head shares its weight with embed.weight"):
+        quantize_model(model, cfg, progress=False)
+    q = quant_linears(model)
+    assert set(q) == {"fc1", "fc2", "fc2b"}
+    assert isinstance(model.lm_head, nn.Linear)  # tied to the float embedding: left alone
+    assert model.fc2 is model.fc2b  # shared weight -> one quantized layer
+    assert q["fc1"].spec.bits == 8 and q["fc2"].spec.bits == 4
+    with torch.no_grad():
+        y = model(ids)
+    assert 0.9 < 1 - rel_err(y, ref)
+    assert model.qlab_config is cfg
+
+
+def test_quantize_model_default_skips_lm_head_and_dequantize_model_inverts():
+    torch.manual_seed(0)
+    model = Toy(tie=False)
+    ids = torch.randint(0, 50, (2, 5))
+    quantize_model(model, QuantConfig("nf4", 4, 64), progress=False)
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.fc1, QuantLinear)
+    with torch.no_grad(), use_path("reference"):
+        yq = model(ids)
+    fp = memory_footprint(model)
+    assert fp.total_now < fp.total_float
+    row = next(r for r in fp.rows if r.kind == "QuantLinear")
+    assert row.count == 2  # fc2 and fc2b are one module
+    assert row.bytes_float == 2 * (K * K * 4 + K * 4)
+    dequantize_model(model)
+    assert not quant_linears(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), yq, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_conv1d_and_errors():
+    transformers = pytest.importorskip("transformers")
+    model = nn.Sequential(
+        transformers.pytorch_utils.Conv1D(K, K), nn.ReLU(), transformers.pytorch_utils.Conv1D(N, K)
+    )
+    quantize_model(model, QuantConfig("rtn", 4, 128), progress=False)
+    assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
+    with pytest.raises(TypeError, match="config"):
+        quantize_model(model, {"method": "rtn"})
+    with pytest.raises(TypeError, match="model"):
+        quantize_model("not a model", QuantConfig())
+
+
+def test_quantize_model_delegates_other_methods():
+    torch.manual_seed(0)
+    model = Toy(tie=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(model, QuantConfig("hqq", 4, 64), progress=False)
+    assert isinstance(model.fc1, QuantLinear)
+    assert math.isfinite(model(torch.randint(0, 50, (1, 3))).sum().item())
