@@ -664,6 +664,44 @@ def _tied_elsewhere(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str
     return tied
 
 
+#: Methods whose weight spec uses ``group_size``.
+GROUPED_METHODS = ("rtn", "nf4", "fp4", "hqq", "gptq", "awq")
+
+
+def fit_group_sizes(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """``config`` plus overrides for layers whose ``in_features`` the group size does not divide.
+
+    qlab does not pad groups. Such a layer (SmolLM2's hidden size 576 with ``group_size=128``) gets the
+    largest power of two that divides its ``in_features`` and is below the requested size (64 for
+    576), with a warning; the other layers keep the requested size.
+    """
+    if config.method not in GROUPED_METHODS:
+        return config
+    fits: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if not name or not _is_linear(mod) or isinstance(mod, QuantLinear) or config.is_skipped(name):
+            continue
+        g = config.for_module(name).group_size
+        k = _linear_weight(mod).shape[1]
+        if g is None or k % g == 0:
+            continue
+        fit = 2 ** int(math.log2(g))
+        while fit > 1 and (k % fit or fit >= g):
+            fit //= 2
+        fits[name] = {"group_size": fit}
+    if not fits:
+        return config
+    sizes = sorted(
+        {(_linear_weight(model.get_submodule(n)).shape[1], f["group_size"]) for n, f in fits.items()}
+    )
+    warnings.warn(
+        f"group_size={config.group_size} does not divide in_features of {len(fits)} layers; they use "
+        + ", ".join(f"group_size={g} (in_features={k})" for k, g in sizes),
+        stacklevel=3,
+    )
+    return QuantConfig.from_dict({**config.to_dict(), "overrides": {**config.overrides, **fits}})
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantConfig,
@@ -685,6 +723,7 @@ def quantize_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a qlab.config.QuantConfig, got {type(config).__name__}")
+    config = fit_group_sizes(model, config)
     if config.method not in LOCAL_METHODS:
         try:
             from qlab.methods import quantize_model_with

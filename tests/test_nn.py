@@ -339,3 +339,11 @@ def test_quantize_model_delegates_other_methods():
         quantize_model(model, QuantConfig("hqq", 4, 64), progress=False)
     assert isinstance(model.fc1, QuantLinear)
     assert math.isfinite(model(torch.randint(0, 50, (1, 3))).sum().item())
+
+
+def test_group_size_that_does_not_divide_falls_back_with_a_warning():
+    model = nn.Sequential(nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 8))  # 192 = 1.5 * 128
+    with pytest.warns(UserWarning, match=r"group_size=64 \(in_features=192\)"):
+        quantize_model(model, QuantConfig("rtn", 4, 128), progress=False)
+    assert model[0].spec.group_size == 64  # 192 = 3 * 64
+    assert model[2].spec.group_size == 64  # a group larger than the row: one group per row
