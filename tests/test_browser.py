@@ -1,10 +1,11 @@
 """The error-histogram explorer in a real JupyterLab, driven by headless Chromium.
 
 Starts JupyterLab on a loopback port with a random token and a temporary root holding one small notebook,
-opens it in Debian's ``chromium`` (or ``$QLAB_CHROMIUM``, ``chromium-browser``, ``google-chrome``) through the
-``playwright`` package (its own browser download cannot work offline), runs the widget cell, then moves the bits slider and changes the granularity dropdown, and checks
-that the SQNR label and the figure change as they should. Screenshots land in ``test-artifacts/``: one on
-success (``browser_success.png``), one on failure (``browser_failure.png``).
+opens it in Debian's ``chromium`` (or ``$QLAB_CHROMIUM``, ``chromium-browser``, ``google-chrome``) through
+the ``playwright`` package (its own browser download cannot work offline), runs the widget cell, then moves
+the bits slider and changes the granularity dropdown, and checks that the SQNR label and the figure change
+as they should. Screenshots land in ``test-artifacts/``: one on success (``browser_success.png``), one on
+failure (``browser_failure.png``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _free_port() -> int:
 
 def _requirements() -> str:
     """Path to chromium, or skip with the reason."""
-    # $QLAB_CHROMIUM first, then Debian's name, Ubuntu's, and Chrome (GitHub's runner images ship the last two).
+    # $QLAB_CHROMIUM, then Debian's name, Ubuntu's, and Chrome (GitHub's runner images ship the last two).
     names = [os.environ.get("QLAB_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome"]
     chromium = next((path for path in map(shutil.which, filter(None, names)) if path), None)
     if chromium is None:
