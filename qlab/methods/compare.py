@@ -26,6 +26,24 @@ DEFAULT_SCHEMES: tuple[tuple[int, int], ...] = ((4, 128), (3, 64), (2, 64))
 DEFAULT_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq", "awq")
 
 
+def fitting_group(in_features: int, group_size: int) -> int:
+    """``group_size`` if it divides ``in_features``, else the smallest divisor of ``in_features`` above it."""
+    if in_features % group_size == 0:
+        return group_size
+    return next(d for d in range(group_size + 1, in_features + 1) if in_features % d == 0)
+
+
+def group_overrides(model: torch.nn.Module, group_size: int) -> dict[str, dict[str, Any]]:
+    """``QuantConfig.overrides`` giving each linear whose width ``group_size`` does not divide the
+    nearest group size that does (SmolLM2's 576-wide inputs take g144 for g128), so the table says so.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.in_features % group_size:
+            out[name] = {"group_size": fitting_group(m.in_features, group_size)}
+    return out
+
+
 def compare_methods(
     methods: Sequence[str] = DEFAULT_METHODS,
     schemes: Sequence[tuple[int, int]] = DEFAULT_SCHEMES,
@@ -39,6 +57,7 @@ def compare_methods(
     method_kwargs: dict[str, dict[str, Any]] | None = None,
     loader: Callable[[], tuple[torch.nn.Module, Any]] | None = None,
     progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Perplexity, bits per weight and quantization time for each method at each scheme.
 
@@ -51,11 +70,16 @@ def compare_methods(
             (see :func:`qlab.evaluate.perplexity`).
         method_kwargs: per-method ``QuantConfig.method_kwargs``.
         loader: returns ``(model, tokenizer)``; default :func:`qlab.models.load_smollm2`.
+        on_row: called with each row as soon as it is measured (for long runs).
+
+    Perplexity runs every quantized layer through the fp32 reference path (dequantize, then
+    ``F.linear``) so that the table compares weight quantization only, not the bf16 fast paths.
 
     Returns rows ``{"method", "scheme", "bits", "group_size", "bits_per_weight", "perplexity",
     "seconds"}``, the float model first (``seconds`` 0).
     """
     from qlab import evaluate, models  # heavy (transformers); only needed here
+    from qlab.nn import use_path
 
     for m in methods:
         if m not in MODEL_METHODS or m in ("smoothquant", "llm_int8"):
@@ -65,9 +89,16 @@ def compare_methods(
     calibration = models.calibration_batches(tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
 
     def ppl(m: torch.nn.Module) -> float:
-        return evaluate.perplexity(m, tok, seq_len=eval_seq_len, max_windows=eval_windows, progress=False)
+        with use_path("reference"):
+            return evaluate.perplexity(m, tok, seq_len=eval_seq_len, max_windows=eval_windows, progress=False)
 
-    rows: list[dict[str, Any]] = [
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    rows: list[dict[str, Any]] = []
+    emit(
         {
             "method": "fp32",
             "scheme": "fp32",
@@ -77,24 +108,29 @@ def compare_methods(
             "perplexity": ppl(model),
             "seconds": 0.0,
         }
-    ]
+    )
     jobs: list[tuple[str, int, int]] = [(m, b, g) for b, g in schemes for m in methods]
     if nf4:
         jobs.append(("nf4", 4, 64))
     for method, bits, group in jobs:
         torch.manual_seed(seed)
         qmodel = copy.deepcopy(model)
+        overrides = group_overrides(model, group)
         cfg = QuantConfig(
             method="rtn" if method == "nf4" else method,
             bits=bits,
             group_size=group,
+            overrides=overrides,
             method_kwargs=dict(method_kwargs.get(method, {})),
         )
         res = quantize_model_with(
             method, qmodel, cfg, calibration if method in ("gptq", "awq") else None, progress=progress
         )
         scheme = "nf4 b64" if method == "nf4" else f"int{bits} g{group}"
-        rows.append(
+        used = sorted({o["group_size"] for o in overrides.values()})
+        if used:
+            scheme += " (g" + "/".join(map(str, used)) + " where it does not divide)"
+        emit(
             {
                 "method": method,
                 "scheme": scheme,
