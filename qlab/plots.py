@@ -167,10 +167,22 @@ def _reconstruction(x: torch.Tensor, qt_or_xhat: QuantizedTensor | torch.Tensor)
     return xhat
 
 
-def error_stats(x: torch.Tensor, qt_or_xhat: QuantizedTensor | torch.Tensor) -> ErrorStats:
-    """SQNR (dB), max ``|x - x_hat|`` and (for a QuantizedTensor) storage bits per weight."""
+def error_stats(
+    x: torch.Tensor, qt_or_xhat: QuantizedTensor | torch.Tensor, *, bits_per_weight: float | None = None
+) -> ErrorStats:
+    """SQNR (dB), max ``|x - x_hat|`` and storage bits per weight: ``bits_per_weight`` if given, else the
+    QuantizedTensor's own (None for a bare reconstruction)."""
     xhat = _reconstruction(x, qt_or_xhat)
-    bpw = qt_or_xhat.bits_per_weight if isinstance(qt_or_xhat, QuantizedTensor) else None
+    if bits_per_weight is not None:
+        if (
+            isinstance(bits_per_weight, bool)
+            or not isinstance(bits_per_weight, (int, float))
+            or bits_per_weight <= 0
+        ):
+            raise ValueError(f"bits_per_weight must be a positive number, got {bits_per_weight!r}")
+        bpw: float | None = float(bits_per_weight)
+    else:
+        bpw = qt_or_xhat.bits_per_weight if isinstance(qt_or_xhat, QuantizedTensor) else None
     return ErrorStats(sqnr(x, xhat), max_abs_error(x, xhat), bpw)
 
 
@@ -196,12 +208,17 @@ def quantization_grid(x: torch.Tensor, qt: QuantizedTensor) -> tuple[torch.Tenso
 
 
 def plot_error_histogram(
-    x: torch.Tensor, qt_or_xhat: QuantizedTensor | torch.Tensor, *, title: str | None = None
+    x: torch.Tensor,
+    qt_or_xhat: QuantizedTensor | torch.Tensor,
+    *,
+    title: str | None = None,
+    bits_per_weight: float | None = None,
 ) -> Figure:
-    """Left: histogram of ``x`` with the quantization grid drawn over it. Right: histogram of the error
-    ``x_hat - x``. SQNR, max error and bits per weight are written on the error panel."""
+    """Left: histogram of ``x`` with the quantization grid drawn over it (for a QuantizedTensor). Right:
+    histogram of the error ``x_hat - x``. SQNR, max error and bits per weight (see :func:`error_stats`) are
+    written on the error panel."""
     xhat = _reconstruction(x, qt_or_xhat)
-    stats = error_stats(x, qt_or_xhat)
+    stats = error_stats(x, qt_or_xhat, bits_per_weight=bits_per_weight)
     values = x.detach().double().flatten().numpy()
     err = (xhat.detach().double() - x.detach().double()).flatten().numpy()
     plt = _pyplot()

@@ -52,8 +52,10 @@ from qlab.plots import (
 )
 from qlab.quantize import QuantizedTensor, QuantSpec, quantize
 
-#: A quantizer the error-histogram explorer can call: ``(x, spec) -> QuantizedTensor``.
-Quantizer = Callable[[torch.Tensor, QuantSpec], QuantizedTensor]
+#: A quantizer the error-histogram explorer can call: ``(x, spec) -> QuantizedTensor``, or
+#: ``(x, spec) -> (QuantizedTensor of x * s, s)`` for methods that scale input channels first (AWQ), whose
+#: reconstruction is ``dequantize() / s``.
+Quantizer = Callable[[torch.Tensor, QuantSpec], "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]"]
 
 
 def _ipywidgets() -> Any:
@@ -230,6 +232,46 @@ def gptq_method(inputs: torch.Tensor) -> Quantizer:
     return lambda x, spec: gptq_quantize(x, H, spec)
 
 
+def awq_method(inputs: torch.Tensor) -> Quantizer:
+    """A quantizer that runs AWQ on the layer inputs ``inputs`` [..., in]; it returns ``(qt, s)`` where
+    ``qt`` quantizes ``x * s`` (columns scaled) and the layer divides its input by ``s``."""
+    from qlab.methods.awq import awq_quantize
+
+    X = inputs.detach().float()
+    return lambda x, spec: awq_quantize(x, X, spec)
+
+
+def _data_methods() -> dict[str, Callable[[torch.Tensor], Quantizer]]:
+    """Methods that need layer inputs, by name, as factories ``inputs -> Quantizer``."""
+    import importlib.util
+
+    found: dict[str, Callable[[torch.Tensor], Quantizer]] = {}
+    for name, module, factory in (
+        ("GPTQ", "qlab.methods.gptq", gptq_method),
+        ("AWQ", "qlab.methods.awq", awq_method),
+    ):
+        if importlib.util.find_spec(module) is not None:
+            found[name] = factory
+    return found
+
+
+def reconstruct(
+    x: torch.Tensor, result: QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]
+) -> tuple[torch.Tensor, QuantizedTensor | None, float]:
+    """``(x_hat, qt or None, bits per weight)`` for a quantizer's result.
+
+    For ``(qt, s)`` (AWQ) the reconstruction is ``qt.dequantize() / s`` and the fp32 vector ``s`` is counted
+    in the storage (it stays with the layer unless folded into a preceding norm). Its grid is not drawn: each
+    input column has its own.
+    """
+    if isinstance(result, QuantizedTensor):
+        return result.dequantize(torch.float32), result, result.bits_per_weight
+    qt, s = result
+    xhat = qt.dequantize(torch.float32) / s.float()
+    bpw = qt.bits_per_weight + 32 * s.numel() / x.numel()
+    return xhat, None, bpw
+
+
 def explorer_quantize(
     x: torch.Tensor,
     method: str = "RTN",
@@ -275,9 +317,9 @@ def error_histogram_explorer(
     symmetric/asymmetric, granularity and group size; see the weight histogram with the quantization grid,
     the error histogram, and SQNR, max error and bits per weight.
 
-    ``inputs``: ``{tensor name: layer inputs [..., in]}`` for some tensors. For those, GPTQ is offered and an
-    extra label shows the SQNR of the layer *output* ``inputs @ W.T``, the quantity GPTQ optimizes (its
-    weight SQNR can be lower than RTN's while its output SQNR is higher).
+    ``inputs``: ``{tensor name: layer inputs [..., in]}`` for some tensors. For those, GPTQ and AWQ are
+    offered and an extra label shows the SQNR of the layer *output* ``inputs @ W.T``, the quantity they
+    optimize (GPTQ's weight SQNR can be far below RTN's while its output SQNR is higher).
     ``methods`` adds or replaces quantizers (``{name: (x, spec) -> QuantizedTensor}``) beyond
     :func:`available_methods`.
     """
@@ -293,10 +335,11 @@ def error_histogram_explorer(
             raise ValueError(f"inputs[{name!r}] names no tensor; tensors are {list(tensors)}")
         if not isinstance(a, torch.Tensor) or a.shape[-1] != tensors[name].shape[-1]:
             raise ValueError(f"inputs[{name!r}] must be a tensor [..., {tensors[name].shape[-1]}]")
-    all_methods = {**available_methods(), **(methods or {})}
-    if inputs:
-        all_methods.setdefault("GPTQ", _gptq_placeholder)
-    gptq_cache: dict[str, Quantizer] = {}
+    all_methods: dict[str, Quantizer | None] = {**available_methods(), **(methods or {})}
+    data_methods = _data_methods() if inputs else {}
+    for method_name in data_methods:
+        all_methods.setdefault(method_name, None)  # built per tensor from its inputs, on first use
+    data_cache: dict[tuple[str, str], Quantizer] = {}
     first = next(iter(tensors))
     if static:
         x = tensors[first].detach().float()
@@ -329,22 +372,25 @@ def error_histogram_explorer(
         name = c["tensor"].value
         x = tensors[name].detach().float()
         codebook = c["method"].value in ("NF4", "FP4")
-        chosen = dict(all_methods)
-        if c["method"].value == "GPTQ" and chosen["GPTQ"] is _gptq_placeholder:
+        method = c["method"].value
+        chosen = {k: v for k, v in all_methods.items() if v is not None}
+        if all_methods[method] is None:
             if name not in inputs:
                 labels[
                     "status"
-                ].value = f"<span style='color:#b22'>GPTQ needs inputs for {html.escape(name)}</span>"
+                ].value = (
+                    f"<span style='color:#b22'>{method} needs layer inputs for {html.escape(name)}</span>"
+                )
                 return
-            if name not in gptq_cache:
-                gptq_cache[name] = gptq_method(inputs[name])
-            chosen["GPTQ"] = gptq_cache[name]
+            if (method, name) not in data_cache:
+                data_cache[method, name] = data_methods[method](inputs[name])
+            chosen[method] = data_cache[method, name]
         c["bits"].disabled = c["symmetric"].disabled = codebook
         c["group_size"].disabled = c["granularity"].value != "group"
         try:
-            qt = explorer_quantize(
+            result = explorer_quantize(
                 x,
-                c["method"].value,
+                method,
                 c["bits"].value,
                 c["symmetric"].value,
                 c["granularity"].value,
@@ -356,17 +402,16 @@ def error_histogram_explorer(
             return
         # The picture first, the numbers last: widget messages arrive in order, so whoever sees the new
         # numbers (a learner, the browser test) already has the new picture.
-        fig = plot_error_histogram(
-            x, qt, title=f"{c['tensor'].value}: {c['method'].value} {qt.spec.describe()}"
-        )
+        xhat, qt, bpw = reconstruct(x, result)
+        spec = (result if isinstance(result, QuantizedTensor) else result[0]).spec
+        shown = qt if qt is not None else xhat  # a QuantizedTensor brings its grid into the picture
+        fig = plot_error_histogram(x, shown, title=f"{name}: {method} {spec.describe()}", bits_per_weight=bpw)
         image.value = figure_png(fig)
-        stats = error_stats(x, qt)
+        stats = error_stats(x, xhat, bits_per_weight=bpw)
         labels["output_sqnr"].value = (
-            f"<b>output SQNR {output_sqnr(x, qt.dequantize(torch.float32), inputs[name]):.2f} dB</b>"
-            if name in inputs
-            else ""
+            f"<b>output SQNR {output_sqnr(x, xhat, inputs[name]):.2f} dB</b>" if name in inputs else ""
         )
-        labels["status"].value = html.escape(qt.spec.describe())
+        labels["status"].value = html.escape(spec.describe())
         for key, text in stats.labels().items():
             labels[key].value = f"<b>{html.escape(text)}</b>"
 
@@ -384,11 +429,6 @@ def error_histogram_explorer(
         image,
     ]
     return _box(w, children, c, labels, image)
-
-
-def _gptq_placeholder(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Stands for GPTQ in the method list; the explorer swaps in :func:`gptq_method` per tensor."""
-    raise ValueError("GPTQ needs layer inputs: pass inputs={tensor name: X} to the explorer")
 
 
 def _group_default(x: torch.Tensor) -> int:
@@ -561,7 +601,9 @@ __all__ = [
     "error_histogram_explorer",
     "explorer_quantize",
     "flip_bit",
+    "awq_method",
     "gptq_method",
+    "reconstruct",
     "output_sqnr",
     "memory_calculator",
     "method_picker",

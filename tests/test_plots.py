@@ -195,6 +195,16 @@ def test_plot_error_histogram_with_plain_reconstruction_has_no_grid():
     assert "bits per weight n/a" in fig.axes[1].texts[0].get_text()
 
 
+def test_bits_per_weight_override():
+    x = _weights()
+    xhat = x.half().float()
+    assert error_stats(x, xhat, bits_per_weight=16).labels()["bits_per_weight"] == "bits per weight 16.000"
+    fig = plot_error_histogram(x, xhat, bits_per_weight=16)
+    assert "bits per weight 16.000" in fig.axes[1].texts[0].get_text()
+    with pytest.raises(ValueError, match="bits_per_weight"):
+        error_stats(x, xhat, bits_per_weight=0)
+
+
 def test_plot_error_histogram_bad_inputs():
     x = _weights()
     with pytest.raises(ValueError, match="shape"):

@@ -26,6 +26,7 @@ from qlab.widgets import (  # noqa: E402
     memory_calculator,
     method_picker,
     output_sqnr,
+    reconstruct,
 )
 
 
@@ -179,7 +180,13 @@ def test_error_histogram_explorer_gptq_with_inputs_reports_output_sqnr():
     out_gptq = float(_plain(labels["output_sqnr"]).split()[2])
     assert out_gptq > out_rtn  # GPTQ minimizes the output error
     c["tensor"].value = "v"
-    assert "GPTQ needs inputs" in labels["status"].value
+    assert "GPTQ needs layer inputs for v" in labels["status"].value
+    if "AWQ" in c["method"].options:
+        c["tensor"].value = "w"
+        c["method"].value = "AWQ"
+        assert float(_plain(labels["output_sqnr"]).split()[2]) > out_rtn
+        # codes, fp32 scale + zero per 64, fp32 input scale s per column: 3 + 1 + 32 * 128 / (64 * 128)
+        assert _plain(labels["bits_per_weight"]) == "bits per weight 4.500"
     with pytest.raises(ValueError, match="names no tensor"):
         error_histogram_explorer({"w": w}, inputs={"u": x})
 
@@ -254,3 +261,14 @@ def test_default_tensors_are_seeded():
     assert not torch.equal(a["normal 256x512"], default_tensors(1)["normal 256x512"])
     out = a["normal + outliers 256x512"]
     assert out.abs().max() > 5 * a["normal 256x512"].abs().max()
+
+
+def test_reconstruct_undoes_awq_column_scales():
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    s = torch.linspace(0.5, 2.0, 64)
+    qt = quantize(x * s, QuantSpec.per_group(8, 32))
+    xhat, grid_qt, bpw = reconstruct(x, (qt, s))
+    torch.testing.assert_close(xhat, qt.dequantize() / s)
+    assert grid_qt is None and bpw == pytest.approx(qt.bits_per_weight + 32 * 64 / x.numel())
+    plain, same, plain_bpw = reconstruct(x, qt)
+    assert same is qt and plain_bpw == qt.bits_per_weight and torch.equal(plain, qt.dequantize())
