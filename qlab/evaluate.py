@@ -88,7 +88,7 @@ def perplexity(
     2. Windows of ``seq_len`` tokens start at ``0, stride, 2*stride, ...`` (``stride=None``: ``seq_len``, i.e.
        non-overlapping); a last window that would not fit is dropped. If there are more than
        ``max_windows``, that many evenly spaced windows are kept (see :func:`window_starts`); ``None`` keeps
-       all (~158 windows of 512 on the evaluation plays, ~2 minutes for fp32 SmolLM2 on 2 CPU cores).
+       all (157 windows of 512 on the evaluation plays, ~2 minutes for fp32 SmolLM2 on 2 CPU cores).
     3. Each window is one independent forward pass (batch 1, no cache between windows). In the first window
        every token after the first is scored; in later windows the tokens at positions
        ``>= max(1, seq_len - stride)``, so each scored token sees at least ``seq_len - stride`` tokens of

