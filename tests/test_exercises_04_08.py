@@ -1,0 +1,100 @@
+"""Lessons 04 and 08: each reference solution passes its check, and a typical wrong answer fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlab.config import QuantConfig
+from qlab.exercises import lesson04 as L4
+from qlab.exercises import lesson08 as L8
+from qlab.io import load_quantized, save_quantized
+from qlab.nn import quantize_model
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    return torch.randn(12, 20, generator=torch.Generator().manual_seed(0))
+
+
+def test_channel_scales(weight):
+    assert L4.check_channel_scales(weight, weight.abs().amax(dim=1) / 127, quiet=True)
+    assert L4.check_channel_scales(weight, weight.abs().amax(dim=1, keepdim=True) / 127, quiet=True)
+    wrong = L4.check_channel_scales(weight, weight.abs().amax(dim=1) / 255, quiet=True)
+    assert not wrong and "127" in wrong.message
+    assert not L4.check_channel_scales(weight, weight.abs().amax(dim=0) / 127, quiet=True)
+    with pytest.raises(TypeError, match="scales"):
+        L4.check_channel_scales(weight, [1.0])
+
+
+def test_w8a16_forward():
+    def reference(x, q, scale, bias):
+        return F.linear(x, q.float() * scale[:, None], bias)
+
+    def no_bias(x, q, scale, bias):
+        return F.linear(x, q.float() * scale[:, None])
+
+    def codes_only(x, q, scale, bias):
+        return F.linear(x, q.float(), bias)
+
+    assert L4.check_w8a16_forward(reference, quiet=True)
+    assert "bias" in L4.check_w8a16_forward(no_bias, quiet=True).message
+    assert not L4.check_w8a16_forward(codes_only, quiet=True)
+    assert "raised" in L4.check_w8a16_forward(lambda *a: 1 / 0, quiet=True).message
+
+
+def test_token_scales():
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    assert L4.check_token_scales(x, x.abs().amax(dim=-1) / 127, quiet=True)
+    assert not L4.check_token_scales(x, x.abs().amax(dim=0) / 127, quiet=True)
+    assert not L4.check_token_scales(x, x.abs().max().expand(5) / 127, quiet=True)
+
+
+def test_w8a16_bytes():
+    assert L4.check_w8a16_bytes(576, 1536, 576 * 1536 + 4 * 576, quiet=True)
+    assert "scales" in L4.check_w8a16_bytes(576, 1536, 576 * 1536, quiet=True).message
+    with pytest.raises(ValueError, match="out_features"):
+        L4.check_w8a16_bytes(0, 3, 1)
+
+
+def test_model_bytes():
+    n_linear, n_rest = 106_168_320, 28_368_192
+    right = n_linear * 4 // 8 + (n_linear // 64) * 8 + 4 * n_rest
+    assert L8.check_model_bytes(n_linear, n_rest, 4, 64, right, quiet=True)
+    assert (
+        "zero"
+        in L8.check_model_bytes(n_linear, n_rest, 4, 64, n_linear // 2 + 4 * n_rest, quiet=True).message
+    )
+    assert not L8.check_model_bytes(n_linear, n_rest, 4, 64, n_linear * 4, quiet=True)
+
+
+def test_best_setting():
+    table = [
+        {"setting": "fp32", "mb": 538.0, "perplexity": 10.0},
+        {"setting": "W8A16", "mb": 220.0, "perplexity": 10.1},
+        {"setting": "W4A16 g64", "mb": 180.0, "perplexity": 11.5},
+        {"setting": "W2A16 g64", "mb": 150.0, "perplexity": 400.0},
+    ]
+    assert L8.check_best_setting(table, 200, "W4A16 g64", quiet=True)
+    assert "does not fit" in L8.check_best_setting(table, 200, "W8A16", quiet=True).message
+    assert "lower perplexity" in L8.check_best_setting(table, 200, "W2A16 g64", quiet=True).message
+    assert not L8.check_best_setting(table, 200, "int3", quiet=True)
+    with pytest.raises(ValueError, match="no setting fits"):
+        L8.best_setting(table, 10)
+
+
+def test_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    model = quantize_model(net, QuantConfig("rtn", 4, 32), progress=False)
+    path = save_quantized(model, tmp_path / "m.safetensors")
+
+    def factory():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    assert L8.check_round_trip(model, load_quantized(path, factory), quiet=True)
+    other = quantize_model(factory(), QuantConfig("rtn", 4, 32), progress=False)
+    assert not L8.check_round_trip(model, other, quiet=True)
+    assert not L8.check_round_trip(model, factory(), quiet=True)  # a float model: different tensors
