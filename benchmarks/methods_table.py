@@ -28,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    ap.add_argument("--no-float", action="store_true", help="skip the float model's row")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     schemes = [tuple(int(v) for v in s.split(":")) for s in args.schemes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
     rows = compare_methods(
         args.methods.split(","),
         schemes,  # type: ignore[arg-type]
         nf4=not args.no_nf4,
+        include_float=not args.no_float,
         n_samples=args.samples,
         seq_len=args.seq_len,
         eval_windows=args.windows,

@@ -48,9 +48,10 @@ from qlab.quantize import QuantizedTensor, QuantSpec, quantize
 MODEL_METHODS = ("rtn", "nf4", "fp4", "hqq", "gptq", "awq", "smoothquant", "llm_int8")
 #: Methods that need calibration data.
 CALIBRATED = ("gptq", "awq", "smoothquant")
-#: (previous linear, next linear) name suffixes where the next one's input is an elementwise function
-#: linear in the previous one's output, so a per-channel input scale can move into its rows.
-FOLD_INTO_PREVIOUS = (("mlp.up_proj", "mlp.down_proj"),)
+#: (previous, next) sibling linear names where the next one's input is ``act(gate(x)) * previous(x)``,
+#: linear in the previous one's output, so a per-channel input scale can move into its rows
+#: (Llama-style gated MLPs).
+FOLD_INTO_PREVIOUS = (("up_proj", "down_proj"), ("up", "down"))
 #: W8A8 weights: int8 symmetric, one scale per output channel.
 INT8_WEIGHT = QuantSpec.per_channel(8, symmetric=True, axis=0)
 #: Method keyword arguments each method accepts.
@@ -74,6 +75,9 @@ class QuantizationResult:
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    #: CPU time of this process (all threads) during quantization: on a shared machine it says what the
+    #: run costs better than wall time does.
+    cpu_seconds: float = 0.0
 
     @property
     def bits_per_weight(self) -> float:
@@ -241,9 +245,10 @@ def _fold_into_norm(norm: nn.Module) -> Callable[[torch.Tensor], None]:
 def _fold_into_previous(
     block: nn.Module, name: str, linears: dict[str, nn.Linear]
 ) -> Callable[[torch.Tensor], None] | None:
-    for prev_suffix, next_suffix in FOLD_INTO_PREVIOUS:
-        if name.endswith(next_suffix):
-            prev_name = name[: -len(next_suffix)] + prev_suffix
+    parent, _, leaf = name.rpartition(".")
+    for prev_leaf, next_leaf in FOLD_INTO_PREVIOUS:
+        if leaf == next_leaf:
+            prev_name = f"{parent}.{prev_leaf}" if parent else prev_leaf
             prev = linears.get(prev_name)
             if prev is not None and prev.out_features == linears[name].in_features:
 
@@ -352,7 +357,7 @@ def quantize_model_with(
         check_calibration(calibration, min_samples=min_samples, method=method)
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         int8_modules: dict[str, nn.Module] = {}
         if method == "gptq":
@@ -382,6 +387,7 @@ def quantize_model_with(
             _set_module(model, name, mod)
         _install(model, result)
         result.seconds = time.perf_counter() - start
+        result.cpu_seconds = time.process_time() - cpu_start
     finally:
         model.train(was_training)
     return result

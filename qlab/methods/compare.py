@@ -49,6 +49,7 @@ def compare_methods(
     schemes: Sequence[tuple[int, int]] = DEFAULT_SCHEMES,
     *,
     nf4: bool = True,
+    include_float: bool = True,
     n_samples: int = 32,
     seq_len: int = 256,
     eval_seq_len: int = 512,
@@ -65,6 +66,7 @@ def compare_methods(
         methods: names from :data:`~qlab.methods.apply.MODEL_METHODS` (weight-only ones).
         schemes: ``(bits, group_size)`` pairs, asymmetric integer codes.
         nf4: also add an NF4 (block 64) row.
+        include_float: start with the float model's row.
         n_samples, seq_len: calibration windows for the data-driven methods.
         eval_seq_len, eval_windows: perplexity windows on the evaluation plays
             (see :func:`qlab.evaluate.perplexity`).
@@ -76,7 +78,7 @@ def compare_methods(
     ``F.linear``) so that the table compares weight quantization only, not the bf16 fast paths.
 
     Returns rows ``{"method", "scheme", "bits", "group_size", "bits_per_weight", "perplexity",
-    "seconds"}``, the float model first (``seconds`` 0).
+    "seconds", "cpu_seconds"}``, the float model first (``seconds`` 0).
     """
     from qlab import evaluate, models  # heavy (transformers); only needed here
     from qlab.nn import use_path
@@ -98,17 +100,19 @@ def compare_methods(
             on_row(row)
 
     rows: list[dict[str, Any]] = []
-    emit(
-        {
-            "method": "fp32",
-            "scheme": "fp32",
-            "bits": 32,
-            "group_size": None,
-            "bits_per_weight": 32.0,
-            "perplexity": ppl(model),
-            "seconds": 0.0,
-        }
-    )
+    if include_float:
+        emit(
+            {
+                "method": "fp32",
+                "scheme": "fp32",
+                "bits": 32,
+                "group_size": None,
+                "bits_per_weight": 32.0,
+                "perplexity": ppl(model),
+                "seconds": 0.0,
+                "cpu_seconds": 0.0,
+            }
+        )
     jobs: list[tuple[str, int, int]] = [(m, b, g) for b, g in schemes for m in methods]
     if nf4:
         jobs.append(("nf4", 4, 64))
@@ -139,6 +143,7 @@ def compare_methods(
                 "bits_per_weight": res.bits_per_weight,
                 "perplexity": ppl(qmodel),
                 "seconds": res.seconds,
+                "cpu_seconds": res.cpu_seconds,
             }
         )
         del qmodel
@@ -147,12 +152,14 @@ def compare_methods(
 
 def format_table(rows: Sequence[dict[str, Any]], *, timings: bool = True) -> str:
     """Rows of :func:`compare_methods` as a Markdown table."""
-    head = "| scheme | method | bits/weight | perplexity |" + (" time (s) |" if timings else "")
-    sep = "|---|---|---:|---:|" + ("---:|" if timings else "")
+    head = "| scheme | method | bits/weight | perplexity |" + (
+        " time (s) | CPU time (s) |" if timings else ""
+    )
+    sep = "|---|---|---:|---:|" + ("---:|---:|" if timings else "")
     lines = [head, sep]
     for r in rows:
         line = f"| {r['scheme']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} |"
         if timings:
-            line += f" {r['seconds']:.1f} |"
+            line += f" {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} |"
         lines.append(line)
     return "\n".join(lines)
