@@ -1,0 +1,91 @@
+"""Checks for lesson 05, int4: group-wise scales, packing two codes per byte, true bits per weight.
+
+Each check recomputes the answer with qlab (:mod:`qlab.quantize`, :mod:`qlab.packing`,
+:mod:`qlab.codebooks`) and compares; a wrong answer gets a hint, never the number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qlab.codebooks import quantize_nf4
+from qlab.exercises import CheckResult, report
+from qlab.packing import pack
+from qlab.quantize import QuantSpec, compute_scale_zero
+
+
+def check_group_scales(
+    w: torch.Tensor, group_size: int, scale: torch.Tensor, zero: torch.Tensor, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 1: asymmetric int4 ``scale`` and ``zero`` of ``w`` [rows, cols] for groups of ``group_size``.
+
+    Expected shapes ``[rows, cols // group_size]``; scales to a relative 1e-5, zeros exactly.
+    """
+    for name, t in (("scale", scale), ("zero", zero)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    ref_s, ref_z = compute_scale_zero(w, QuantSpec.per_group(4, group_size))
+    assert ref_z is not None
+    if tuple(scale.shape) != tuple(ref_s.shape) or tuple(zero.shape) != tuple(ref_z.shape):
+        hint = (
+            f"one scale and one zero per group: shape [rows, cols // group_size] = {list(ref_s.shape)}; "
+            f"got {list(scale.shape)} and {list(zero.shape)}. Reshape w to [rows, n_groups, group_size]."
+        )
+        return report(False, "group-wise int4 scales", hint, quiet=quiet)
+    s_ok = torch.allclose(scale.float(), ref_s.float(), rtol=1e-5, atol=0)
+    z_ok = torch.equal(zero.float(), ref_z.float())
+    hint = (
+        "per group: widen [min, max] to include 0, scale = (max - min) / 15 (16 codes, 15 steps)"
+        if not s_ok
+        else "zero = round(-min / scale) per group, with the widened min"
+    )
+    return report(s_ok and z_ok, "group-wise int4 scales", hint, quiet=quiet)
+
+
+def check_pack_4bit(fn: Callable[[torch.Tensor], torch.Tensor], *, quiet: bool = False) -> CheckResult:
+    """Exercise 2: ``fn(codes)`` packs uint8 4-bit codes ``[..., n]`` (n even) into bytes ``[..., n/2]``.
+
+    qlab's layout: the first code of each pair in the low nibble, ``byte = c[2i+1] << 4 | c[2i]``.
+    Tried on several random tensors against :func:`qlab.packing.pack`.
+    """
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((2,), (3, 8), (2, 4, 16)):
+        codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
+        got = fn(codes.clone())
+        ref = pack(codes, 4)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+            shape_got = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            hint = f"two codes per byte: codes of shape {shape} pack to {tuple(ref.shape)}, got {shape_got}"
+            return report(False, "pack two 4-bit codes per byte", hint, quiet=quiet)
+        if not torch.equal(got.to(torch.int64), ref.to(torch.int64)):
+            hint = (
+                "take even and odd positions (codes[..., 0::2], codes[..., 1::2]); the odd one goes in the "
+                "high nibble (shift left by 4), OR them together, keep uint8"
+            )
+            return report(False, "pack two 4-bit codes per byte", hint, quiet=quiet)
+    return report(True, "pack two 4-bit codes per byte", "", quiet=quiet)
+
+
+def check_nf4_bits_per_weight(
+    shape: tuple[int, int], block_size: int, double_quant: bool, answer: float, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 3: true bits per weight of NF4 with ``block_size`` (and double quantization) for ``shape``.
+
+    Compared with ``quantize_nf4(...).bits_per_weight`` to a relative 1e-6.
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        raise TypeError(f"answer must be a number, got {type(answer).__name__}")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = quantize_nf4(w, block_size, double_quant=double_quant).bits_per_weight
+    ok = abs(answer - ref) <= 1e-6 * ref
+    if double_quant:
+        hint = (
+            "4 bits per code + one int8 scale per block + per 256 scales one fp32 scale-of-scales "
+            "(the scale count is padded up to a multiple of 256) + one fp32 offset for the whole tensor; "
+            "divide the total bits by the number of weights"
+        )
+    else:
+        hint = "4 bits per code + one fp32 (32-bit) absmax per block of block_size weights"
+    return report(ok, "NF4 bits per weight", hint, quiet=quiet)

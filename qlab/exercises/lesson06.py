@@ -1,0 +1,66 @@
+"""Checks for lesson 06, 2-bit: the levels of a group, one HQQ zero-point step, layer-output error.
+
+Each check recomputes the answer with qlab and compares; a wrong answer gets a hint, never the number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlab.exercises import CheckResult, report
+from qlab.methods.hqq import _zero_steps
+
+
+def _tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_two_bit_levels(
+    scale: float, zero: float, levels: torch.Tensor, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 1: the 4 values a 2-bit asymmetric group with ``scale`` and ``zero`` can represent,
+    in increasing order (to a relative 1e-5)."""
+    levels = _tensor(levels, "levels")
+    ref = scale * (torch.arange(4, dtype=torch.float64) - zero)
+    ok = levels.numel() == 4 and torch.allclose(levels.double().flatten(), ref, rtol=1e-5, atol=1e-12)
+    hint = "dequantize every code: ŵ = scale * (q - zero) for q = 0, 1, 2, 3"
+    return report(ok, "the four 2-bit levels", hint, quiet=quiet)
+
+
+def check_hqq_zero_step(
+    w: torch.Tensor, scale: float, zero: float, new_zero: object, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 2: one HQQ zero-point update of a 2-bit group ``w`` (1-D), with β large enough that
+    the shrinkage keeps every error: ``z ← mean(q) - mean(w / s)`` with ``q = clamp(round(w/s + z), 0, 3)``.
+    Compared with qlab's HQQ step to a relative 1e-5."""
+    w = _tensor(w, "w").float().reshape(1, -1)
+    if isinstance(new_zero, torch.Tensor):
+        new_zero = float(new_zero)
+    if isinstance(new_zero, bool) or not isinstance(new_zero, (int, float)):
+        raise TypeError(f"new_zero must be a number, got {type(new_zero).__name__}")
+    s = torch.tensor([[float(scale)]])
+    ref = float(_zero_steps(w / s, s, torch.tensor([[float(zero)]]), 3, 0.7, 1, 10.0, 1.01))
+    ok = abs(new_zero - ref) <= 1e-5 * max(1.0, abs(ref))
+    hint = (
+        "codes first: q = clamp(round(w / scale + zero), 0, 3); then the zero that makes the mean "
+        "error zero with those codes: mean(q) - mean(w / scale)"
+    )
+    return report(ok, "one HQQ zero-point step", hint, quiet=quiet)
+
+
+def check_output_error(
+    x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, answer: object, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 3: the layer-output error GPTQ and AWQ minimize, ``mean over tokens and outputs of
+    (x wᵀ - x ŵᵀ)²`` for inputs ``x`` [tokens, in] (to a relative 1e-4)."""
+    x, w, w_hat = _tensor(x, "x"), _tensor(w, "w"), _tensor(w_hat, "w_hat")
+    if isinstance(answer, torch.Tensor):
+        answer = float(answer)
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        raise TypeError(f"answer must be a number, got {type(answer).__name__}")
+    ref = (x.double() @ (w.double() - w_hat.double()).T).pow(2).mean().item()
+    ok = abs(answer - ref) <= 1e-4 * ref
+    hint = "run both layers on the same x (x @ w.T and x @ w_hat.T), subtract, square, average everything"
+    return report(ok, "layer-output error", hint, quiet=quiet)

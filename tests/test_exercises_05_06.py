@@ -1,0 +1,69 @@
+"""The reference solutions of lessons 05 and 06 pass their checks; typical wrong answers fail."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qlab.exercises.lesson05 import check_group_scales, check_nf4_bits_per_weight, check_pack_4bit
+from qlab.exercises.lesson06 import check_hqq_zero_step, check_output_error, check_two_bit_levels
+
+
+def test_group_scales() -> None:
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    wg = w.reshape(4, -1, 16)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    assert check_group_scales(w, 16, scale, zero, quiet=True)
+    assert not check_group_scales(w, 16, (hi - lo) / 16, zero, quiet=True)  # 16 steps instead of 15
+    assert not check_group_scales(w, 16, scale, -lo / scale, quiet=True)  # zero not rounded
+    assert not check_group_scales(w, 16, scale.flatten(), zero.flatten(), quiet=True)  # wrong shape
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        check_group_scales(w, 16, 0.1, zero, quiet=True)  # type: ignore[arg-type]
+
+
+def test_pack_4bit() -> None:
+    assert check_pack_4bit(lambda c: (c[..., 1::2] << 4) | c[..., 0::2], quiet=True)
+    assert not check_pack_4bit(lambda c: (c[..., 0::2] << 4) | c[..., 1::2], quiet=True)  # nibbles swapped
+    assert not check_pack_4bit(lambda c: c, quiet=True)  # not packed
+
+
+def test_nf4_bits_per_weight() -> None:
+    n = 1536 * 576
+    blocks = n // 64
+    right = (4 * n + 8 * blocks + 32 * math.ceil(blocks / 256) + 32) / n
+    assert check_nf4_bits_per_weight((1536, 576), 64, True, right, quiet=True)
+    assert check_nf4_bits_per_weight((1536, 576), 64, False, 4.5, quiet=True)
+    assert not check_nf4_bits_per_weight((1536, 576), 64, True, 4.5, quiet=True)  # no double quant
+    assert not check_nf4_bits_per_weight((1536, 576), 64, True, 4.0, quiet=True)  # codes only
+
+
+def test_two_bit_levels() -> None:
+    assert check_two_bit_levels(0.012, 1.4, 0.012 * (torch.arange(4) - 1.4), quiet=True)
+    assert not check_two_bit_levels(0.012, 1.4, 0.012 * torch.arange(4), quiet=True)  # zero forgotten
+    assert not check_two_bit_levels(0.012, 1.4, 0.012 * (torch.arange(3) - 1.4), quiet=True)
+
+
+def test_hqq_zero_step() -> None:
+    g = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 0.02
+    s = ((g.max() - g.min()) / 3).item()
+    z = (-g.min() / s).item()
+    q = torch.clamp(torch.round(g / s + z), 0, 3)
+    right = (q.mean() - (g / s).mean()).item()
+    assert check_hqq_zero_step(g, s, z, right, quiet=True)
+    assert not check_hqq_zero_step(g, s, z, z, quiet=True)  # no update
+    unclamped = torch.round(g / s + z + 0.7)
+    assert not check_hqq_zero_step(g, s, z, (unclamped.mean() - (g / s).mean()).item(), quiet=True)
+
+
+def test_output_error() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    w_hat = w + 0.1 * torch.randn(8, 16, generator=gen)
+    right = (x @ w.T - x @ w_hat.T).pow(2).mean().item()
+    assert check_output_error(x, w, w_hat, right, quiet=True)
+    assert not check_output_error(x, w, w_hat, (w - w_hat).pow(2).mean().item(), quiet=True)  # weight error
+    assert not check_output_error(x, w, w_hat, (x @ (w - w_hat).T).pow(2).sum(1).mean().item(), quiet=True)
