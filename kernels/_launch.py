@@ -1,9 +1,8 @@
 """Where a kernel runs: compiled on a CUDA GPU, or in Triton's interpreter on CPU tensors.
 
 ``TRITON_INTERPRET=1`` makes ``@triton.jit`` build an interpreted function (numpy runs each
-program in turn) instead of compiling for a GPU. Triton reads the variable when the decorator
-runs, that is when this package is imported; :func:`interpreted` also honours it when it was set
-later, so CPU tensors work whatever imported ``qlab.kernels`` first.
+program in turn) instead of compiling for a GPU. Triton reads the variable when each decorator runs,
+its own library included, so it must be set before triton is first imported.
 """
 
 from __future__ import annotations
@@ -32,17 +31,22 @@ def check_device(device: torch.device) -> None:
     )
 
 
-@functools.cache
-def _interpreted_copy(kernel):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(kernel.fn)
-
-
 def interpreted(kernel, device: torch.device):
-    """The form of ``kernel`` that runs on ``device``: an interpreted copy for CPU tensors."""
-    if device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        return _interpreted_copy(kernel)
+    """``kernel`` after checking it can run on ``device``.
+
+    Triton chooses between compiling and interpreting when ``triton`` is first imported (its own
+    helpers such as ``tl.zeros`` are kernels too), so CPU tensors need ``TRITON_INTERPRET=1`` set
+    before that import, not just before the call.
+    """
+    import triton.language as tl
+
+    interpreting = type(kernel).__name__ == type(tl.zeros).__name__ == "InterpretedFunction"
+    if device.type == "cpu" and not interpreting:
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU "
+            "and cannot take CPU tensors. Set TRITON_INTERPRET=1 first (before anything imports triton: "
+            "the first line of the script or notebook, or in the shell), then restart."
+        )
     return kernel
 
 
