@@ -77,6 +77,8 @@ def _dequant_matmul_kernel(
     HAS_ZERO: tl.constexpr,  # affine with explicit zeros (asymmetric, HQQ)
     HAS_TABLE: tl.constexpr,  # codebook lookup (NF4, FP4) instead of an affine map
     FP32_DOT: tl.constexpr,  # fp32 activations: ask for an exact fp32 product, not TF32
+    GROUP_ALIGNED: tl.constexpr,  # group_size % BLOCK_K == 0: one scale per row per K tile
+    FAN_OUT: tl.constexpr,  # PER = 32 // BITS is a power of two dividing BLOCK_K: load each word once
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -109,22 +111,47 @@ def _dequant_matmul_kernel(
         )
 
         # Weight tile, laid out [BLOCK_K, BLOCK_N] (W transposed) so that x @ w is the product.
-        # Unpacking: input k of row n lives in word k // PER of that row, at bit (k % PER) * BITS.
-        # Each lane loads its word (the PER lanes sharing a word hit the cache), shifts its code
-        # down to bit 0 and masks the neighbours away. An arithmetic shift of a negative word drags
-        # copies of the sign bit in from the left; the mask removes them too.
+        # Input k of row n lives in word k // PER of that row, at bit (k % PER) * BITS: shift the
+        # code down to bit 0 and mask its neighbours away. (An arithmetic shift of a negative word
+        # drags copies of the sign bit in from the left; the mask removes them too.)
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k[:, None] // PER), mask=mask_kn, other=0)
-        codes = (words >> ((offs_k[:, None] % PER) * BITS)) & MASK
+        if FAN_OUT:
+            # Load each word once: a [BLOCK_K / PER, BLOCK_N] tile of words, then fan every word out
+            # into its PER codes ([words, PER, BLOCK_N]) and flatten words x PER back into BLOCK_K.
+            offs_kw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            words = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_kw[:, None],
+                mask=(offs_kw[:, None] * PER < K) & mask_n[None, :],
+                other=0,
+            )
+            shifts = tl.arange(0, PER) * BITS
+            codes = (words[:, None, :] >> shifts[None, :, None]) & MASK
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+        else:
+            # 3-bit words hold 10 codes, not a power of two: each lane loads the word holding its
+            # code (the lanes sharing a word hit the cache).
+            words = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + (offs_k[:, None] // PER), mask=mask_kn, other=0
+            )
+            codes = (words >> ((offs_k[:, None] % PER) * BITS)) & MASK
 
         # Group g = k // group_size of row n holds this element's scale (and zero).
-        g = offs_k[:, None] // group_size
-        scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + g, mask=mask_kn, other=0.0)
+        if GROUP_ALIGNED:
+            # BLOCK_K divides group_size, so the whole K tile lies inside one group: each row n
+            # needs one scale, loaded once as a [1, BLOCK_N] row instead of per element.
+            g = k0 // group_size
+            scale = tl.load(scale_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)[None, :]
+            if HAS_ZERO:
+                zero = tl.load(zero_ptr + offs_n * stride_zn + g, mask=mask_n, other=0.0)[None, :]
+        else:
+            g = offs_k[:, None] // group_size
+            scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + g, mask=mask_kn, other=0.0)
+            if HAS_ZERO:
+                zero = tl.load(zero_ptr + offs_n[None, :] * stride_zn + g, mask=mask_kn, other=0.0)
         if HAS_TABLE:
             # Codebook: the code is an index into a 2^BITS-entry table (16 values for NF4).
             values = tl.load(table_ptr + codes)
         elif HAS_ZERO:
-            zero = tl.load(zero_ptr + offs_n[None, :] * stride_zn + g, mask=mask_kn, other=0.0)
             values = codes.to(tl.float32) - zero.to(tl.float32)
         else:
             values = codes.to(tl.float32) - SYM_ZERO
@@ -239,7 +266,7 @@ def _check_args(
     return words
 
 
-def _plan(m: int, n: int, k: int, device: torch.device, path: str) -> dict[str, int]:
+def _plan(m: int, n: int, k: int, group_size: int, device: torch.device, path: str) -> dict[str, int]:
     """Tile sizes and split-K for one call.
 
     On a GPU these are starting points (no GPU was available to tune them: see kernels/README.md).
@@ -258,6 +285,8 @@ def _plan(m: int, n: int, k: int, device: torch.device, path: str) -> dict[str, 
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
         target_programs = 0
+    if group_size % cfg["BLOCK_K"] and group_size >= 16 and group_size & (group_size - 1) == 0:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # keep each K tile inside one group
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     split = 1
     if decode:
@@ -309,7 +338,7 @@ def dequant_matmul(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
-    cfg = _plan(m, n, k, x.device, path)
+    cfg = _plan(m, n, k, group_size, x.device, path)
     split = cfg.pop("SPLIT_K")
     k_per_split = cfg.pop("k_per_split")
     # One split writes y directly (the store casts to x.dtype); several write fp32 partial sums.
@@ -326,6 +355,8 @@ def dequant_matmul(
         HAS_ZERO=zero is not None,
         HAS_TABLE=codebook is not None,
         FP32_DOT=x.dtype == torch.float32,
+        GROUP_ALIGNED=group_size % cfg["BLOCK_K"] == 0,
+        FAN_OUT=bits != 3 and cfg["BLOCK_K"] % (32 // bits) == 0,
         **cfg,
     )  # fmt: skip
     out = y[0] if split == 1 else y.sum(dim=0).to(x.dtype)
