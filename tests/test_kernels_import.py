@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+
+# Other test modules set TRITON_INTERPRET=1 in this process; each script here starts without it.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=CLEAN_ENV
+    )
 
 
 def test_importing_qlab_kernels_does_not_import_triton():
     """Triton picks compile-or-interpret at its first import: qlab.kernels must leave that to the user."""
     script = "import sys, qlab.kernels, qlab.exercises.lesson07; print('triton' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = run(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
@@ -34,7 +44,7 @@ def test_import_without_triton():
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = run(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -51,7 +61,7 @@ def test_kernels_work_when_the_interpreter_is_chosen_after_import_qlab():
         print(int(y.sum()))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = run(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(15 * 16)
 
@@ -68,6 +78,6 @@ def test_cpu_tensors_after_triton_was_imported_in_compiled_mode_get_a_clear_erro
             print("before TRITON_INTERPRET=1 was set" in str(err))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = run(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
