@@ -88,14 +88,16 @@ def _group_scale_kernel(
         x = x.to(tl.float32)
         lo = tl.minimum(lo, tl.min(x, axis=1))
         hi = tl.maximum(hi, tl.max(x, axis=1))
+    # Divisions use tl.div_rn, IEEE round-to-nearest like torch: a plain `/` compiles to the GPU's
+    # approximate division (div.full.f32, off by up to 2 ulp), which can flip a code next to a tie.
     if SYMMETRIC:
-        scale = tl.maximum(hi, -lo) / QMAX
+        scale = tl.div_rn(tl.maximum(hi, -lo), QMAX * 1.0)
     else:
-        scale = (hi - lo) / QMAX
+        scale = tl.div_rn(hi - lo, QMAX * 1.0)
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptr + offs_n * stride_sn + g, scale, mask=mask_n)
     if not SYMMETRIC:
-        zero = tl.minimum(tl.maximum(_round_half_even(-lo / scale), 0.0), QMAX)
+        zero = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(-lo, scale)), 0.0), QMAX)
         tl.store(zero_ptr + offs_n * stride_sn + g, zero, mask=mask_n)
 
 
@@ -136,7 +138,7 @@ def _pack_kernel(
     x = tl.load(w_ptr + n3 * stride_wn + k3, mask=valid, other=0.0).to(tl.float32)
     g = k3 // group_size
     scale = tl.load(scale_ptr + n3 * stride_sn + g, mask=valid, other=1.0)
-    q = _round_half_even(x / scale)
+    q = _round_half_even(tl.div_rn(x, scale))
     if SYMMETRIC:
         # Signed codes, stored offset by 2^(b-1) so every stored code is unsigned.
         q = tl.minimum(tl.maximum(q, QMIN), QMAX) + (1 << (BITS - 1))
