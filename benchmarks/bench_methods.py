@@ -6,7 +6,7 @@ the same groups along the input dim): wall time, SQNR and the lp error (p = 0.7)
 the speed ratio measured in this run. Then it times ``gptq_quantize`` per layer for SmolLM2's layer
 shapes and a 4096x4096 layer.
 
-    python benchmarks/bench_methods.py [--repeat 3] [--skip-gptq]
+    python benchmarks/bench_methods.py [--repeat 3] [--skip-gptq] [--threads N]
 
 Timings on a shared 2-core machine vary 10-30% from run to run: read the ratios, which are
 measured in one run on the same weight.
@@ -96,7 +96,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench_hqq(args.repeat)
     if not args.skip_gptq:
         bench_gptq(max(1, args.repeat // 2))

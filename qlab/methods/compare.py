@@ -23,7 +23,9 @@ from qlab.methods.apply import MODEL_METHODS, quantize_model_with
 
 #: (bits, group size) pairs of the issue's table.
 DEFAULT_SCHEMES: tuple[tuple[int, int], ...] = ((4, 128), (3, 64), (2, 64))
-DEFAULT_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq", "awq")
+DEFAULT_METHODS: tuple[str, ...] = ("rtn", "hqq", "hqq+scale", "gptq", "awq")
+#: Table rows that run a method with non-default settings: ``label -> (method, method_kwargs)``.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"hqq+scale": ("hqq", {"optimize_scale": True})}
 
 
 def fitting_group(in_features: int, group_size: int) -> int:
@@ -63,14 +65,15 @@ def compare_methods(
     """Perplexity, bits per weight and quantization time for each method at each scheme.
 
     Args:
-        methods: names from :data:`~qlab.methods.apply.MODEL_METHODS` (weight-only ones).
+        methods: names from :data:`~qlab.methods.apply.MODEL_METHODS` (weight-only ones) or
+            :data:`VARIANTS` (``"hqq+scale"``: HQQ that also refits the scale).
         schemes: ``(bits, group_size)`` pairs, asymmetric integer codes.
         nf4: also add an NF4 (block 64) row.
         include_float: start with the float model's row.
         n_samples, seq_len: calibration windows for the data-driven methods.
         eval_seq_len, eval_windows: perplexity windows on the evaluation plays
             (see :func:`qlab.evaluate.perplexity`).
-        method_kwargs: per-method ``QuantConfig.method_kwargs``.
+        method_kwargs: per-method (or variant) ``QuantConfig.method_kwargs``.
         loader: returns ``(model, tokenizer)``; default :func:`qlab.models.load_smollm2`.
         on_row: called with each row as soon as it is measured (for long runs).
 
@@ -84,8 +87,10 @@ def compare_methods(
     from qlab.nn import use_path
 
     for m in methods:
-        if m not in MODEL_METHODS or m in ("smoothquant", "llm_int8"):
-            raise ValueError(f"methods: {m!r} is not a weight-only method of {MODEL_METHODS}")
+        if m not in VARIANTS and (m not in MODEL_METHODS or m in ("smoothquant", "llm_int8")):
+            raise ValueError(
+                f"methods: {m!r} is not a weight-only method of {MODEL_METHODS} or a variant {list(VARIANTS)}"
+            )
     method_kwargs = method_kwargs or {}
     model, tok = (loader or models.load_smollm2)()
     calibration = models.calibration_batches(tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
@@ -116,7 +121,8 @@ def compare_methods(
     jobs: list[tuple[str, int, int]] = [(m, b, g) for b, g in schemes for m in methods]
     if nf4:
         jobs.append(("nf4", 4, 64))
-    for method, bits, group in jobs:
+    for label, bits, group in jobs:
+        method, extra = VARIANTS.get(label, (label, {}))
         torch.manual_seed(seed)
         qmodel = copy.deepcopy(model)
         overrides = group_overrides(model, group)
@@ -125,7 +131,7 @@ def compare_methods(
             bits=bits,
             group_size=group,
             overrides=overrides,
-            method_kwargs=dict(method_kwargs.get(method, {})),
+            method_kwargs={**extra, **method_kwargs.get(label, {})},
         )
         res = quantize_model_with(
             method, qmodel, cfg, calibration if method in ("gptq", "awq") else None, progress=progress
@@ -136,7 +142,7 @@ def compare_methods(
             scheme += " (g" + "/".join(map(str, used)) + " where it does not divide)"
         emit(
             {
-                "method": method,
+                "method": label,
                 "scheme": scheme,
                 "bits": bits,
                 "group_size": group,
