@@ -94,6 +94,9 @@ class Int8Linear(nn.Module):
         """Quantize ``linear.weight`` (times ``input_scale`` per column, if given) to int8 per channel."""
         w = linear.weight.detach().float()
         if input_scale is not None:
+            if input_scale.shape != (w.shape[1],):
+                got = tuple(input_scale.shape)
+                raise ValueError(f"input_scale must have shape [{w.shape[1]}], got {got}")
             w = w * input_scale.float()
         qt = quantize(w, QuantSpec.per_channel(8, symmetric=True, axis=0))
         return cls(qt, linear.bias, threshold=threshold, input_scale=input_scale)
