@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -31,3 +33,14 @@ def report(ok: bool, name: str, hint: str, *, quiet: bool = False) -> CheckResul
     if not quiet:
         print(message)
     return CheckResult(ok, message)
+
+
+def as_number(value: object, arg: str) -> float:
+    """A learner's answer as a float: a Python number or a one-element tensor, else a clear error."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{arg} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{arg} must be a number, got {type(value).__name__}")
+    return float(value)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import CheckResult, as_number, report
 from qlab.formats import FloatFormat, bits_of, get_format, model_bytes, round_to
 
 
@@ -20,16 +19,6 @@ def _float_format(fmt: FloatFormat | str) -> FloatFormat:
     if not isinstance(f, FloatFormat):
         raise TypeError(f"fmt must be a float format such as 'fp16' or 'bf16', got {f.name}")
     return f
-
-
-def _as_number(value: object, arg: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{arg} must be a single number, got a tensor of shape {tuple(value.shape)}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg} must be a number, got {type(value).__name__}")
-    return float(value)
 
 
 def check_fields(
@@ -62,7 +51,7 @@ def check_fields(
 def check_format_max(fmt: FloatFormat | str, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 2: the largest finite value of ``fmt`` (exact)."""
     f = _float_format(fmt)
-    a = _as_number(answer, "answer")
+    a = as_number(answer, "answer")
     if f.has_inf:
         hint = (
             "the all-ones exponent is reserved for inf and NaN, so the largest finite value uses the next "
@@ -79,7 +68,7 @@ def check_format_max(fmt: FloatFormat | str, answer: object, *, quiet: bool = Fa
 def check_rounded(x: float, fmt: FloatFormat | str, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 3: the value ``x`` becomes after a cast to ``fmt`` (exact, as ``torch`` casts)."""
     f = _float_format(fmt)
-    a = _as_number(answer, "answer")
+    a = as_number(answer, "answer")
     ref = float(round_to(float(x), f))
     ok = a == ref or (math.isnan(a) and math.isnan(ref))
     hint = (
@@ -98,7 +87,7 @@ def check_model_memory(
     Compared with :func:`qlab.formats.model_bytes` (tied parameters count once, buffers do not count).
     """
     f = _float_format(fmt)
-    a = _as_number(answer, "answer")
+    a = as_number(answer, "answer")
     ref = model_bytes(model, f)
     ok = abs(a - ref) <= 0.005 * ref
     hint = f"count the parameters (sum of p.numel()) and multiply by the bytes one {f.name} value takes."

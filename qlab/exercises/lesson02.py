@@ -10,18 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import CheckResult, as_number, report
 from qlab.quantize import QuantSpec, compute_scale_zero, quantize
-
-
-def _as_float(value: object, arg: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{arg} must be a single number, got a tensor of shape {tuple(value.shape)}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg} must be a number, got {type(value).__name__}")
-    return float(value)
 
 
 def check_scale_zero(x: torch.Tensor, scale: object, zero: object, *, quiet: bool = False) -> CheckResult:
@@ -32,7 +22,7 @@ def check_scale_zero(x: torch.Tensor, scale: object, zero: object, *, quiet: boo
     """
     ref_scale, ref_zero = compute_scale_zero(x, QuantSpec.per_tensor(bits=8, symmetric=False))
     assert ref_zero is not None
-    s, z = _as_float(scale, "scale"), _as_float(zero, "zero")
+    s, z = as_number(scale, "scale"), as_number(zero, "zero")
     s_ok = abs(s - float(ref_scale)) <= 1e-5 * float(ref_scale)
     z_ok = z == float(ref_zero)
     if not s_ok:
@@ -111,7 +101,7 @@ def check_error_bound(x: torch.Tensor, bound: object, *, quiet: bool = False) ->
     """
     qt = quantize(x, QuantSpec.per_tensor(bits=8, symmetric=True))
     ref = float(qt.scale) / 2
-    b = _as_float(bound, "bound")
+    b = as_number(bound, "bound")
     ok = abs(b - ref) <= 1e-5 * ref
     hint = "rounding to the nearest code moves a value by at most half the distance between two codes."
     return report(ok, "error bound", hint, quiet=quiet)

@@ -14,19 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import CheckResult, as_number, report
 from qlab.kernels.roofline import Accelerator, linear_bytes, linear_flops
 from qlab.packing import pack_int32, unpack_int32
-
-
-def _as_float(value: object, arg: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{arg} must be a single number, got a tensor of shape {tuple(value.shape)}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg} must be a number, got {type(value).__name__}")
-    return float(value)
 
 
 def check_unpack(unpack: Callable[[torch.Tensor, int], torch.Tensor], *, quiet: bool = False) -> CheckResult:
@@ -81,7 +71,7 @@ def check_decode_intensity(m: int, bits: float, answer: object, *, quiet: bool =
     tolerance 1e-3.
     """
     ref = decode_intensity(m, bits)
-    got = _as_float(answer, "answer")
+    got = as_number(answer, "answer")
     ok = abs(got - ref) <= 1e-3 * ref
     if abs(got - 2 * m) <= 1e-3 * 2 * m:
         hint = "you counted weights, not bytes: one weight of `bits` bits is bits / 8 bytes."
@@ -103,7 +93,7 @@ def check_ridge_batch(acc: Accelerator, bits: float, answer: object, *, quiet: b
     Same weight-only intensity as exercise 2, set equal to ``acc.ridge``; relative tolerance 1%.
     """
     ref = ridge_batch(acc, bits)
-    got = _as_float(answer, "answer")
+    got = as_number(answer, "answer")
     ok = abs(got - ref) <= 0.01 * ref
     if abs(got - acc.ridge) <= 0.01 * acc.ridge:
         hint = "that is the ridge in FLOPs per byte; now solve 16 * M / bits = ridge for M."
