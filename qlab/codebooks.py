@@ -75,7 +75,9 @@ def nearest_code(xn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """
     sorted_vals, order = table.float().sort()
     mids = (sorted_vals[1:] + sorted_vals[:-1]) / 2
-    idx = torch.bucketize(xn.float().contiguous(), mids, right=True)
+    idx = torch.bucketize(xn.float().contiguous(), mids, right=True, out_int32=True)
+    if torch.equal(order, torch.arange(len(table))):  # sorted table (NF4): index is the code
+        return idx.to(torch.uint8)
     return order[idx].to(torch.uint8)
 
 
