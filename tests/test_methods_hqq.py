@@ -24,11 +24,12 @@ def lp_per_group(w: torch.Tensor, w_hat: torch.Tensor, g: int, p: float = 0.7) -
 @pytest.mark.parametrize(
     "bits,group,gain", [(1, 64, 1.0), (2, 64, 0.99), (3, 64, 0.99), (4, 128, 0.99), (8, 32, 0.99)]
 )
-def test_hqq_beats_rtn_on_lp_error_in_every_group(bits: int, group: int, gain: float) -> None:
+@pytest.mark.parametrize("init", ["minmax", "rtn"])
+def test_hqq_beats_rtn_on_lp_error_in_every_group(bits: int, group: int, gain: float, init: str) -> None:
     w = heavy_tailed()
     spec = QuantSpec.per_group(bits, group)
     rtn = quantize(w, spec).dequantize()
-    hqq = hqq_quantize(w, spec).dequantize()
+    hqq = hqq_quantize(w, spec, init=init).dequantize()
     e_rtn, e_hqq = lp_per_group(w, rtn, group), lp_per_group(w, hqq, group)
     assert (e_hqq <= e_rtn * (1 + 1e-5)).all()  # keeps RTN's parameters where those are better
     assert e_hqq.mean() < gain * e_rtn.mean()
@@ -117,6 +118,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         hqq_quantize(w, QuantSpec.per_group(4, 64), p=1.5)
     with pytest.raises(ValueError, match="iters"):
         hqq_quantize(w, QuantSpec.per_group(4, 64), iters=-1)
+    with pytest.raises(ValueError, match="init must be"):
+        hqq_quantize(w, QuantSpec.per_group(4, 64), init="zeros")
     with pytest.raises(ValueError, match="w must be a floating-point"):
         hqq_quantize(torch.ones(4, 64, dtype=torch.int32), QuantSpec.per_group(4, 64))
     with pytest.raises(TypeError, match="spec"):

@@ -59,7 +59,7 @@ _KWARGS = {
     "rtn": set(),
     "nf4": set(),
     "fp4": set(),
-    "hqq": {"p", "iters", "beta", "kappa", "optimize_scale"},
+    "hqq": {"p", "iters", "beta", "kappa", "optimize_scale", "init"},
     "gptq": {"damp", "block_size", "act_order", "min_samples"},
     "awq": {"grid", "clip", "min_samples"},
     "smoothquant": {"alpha", "min_samples"},

@@ -171,6 +171,7 @@ def hqq_quantize(
     beta: float = 10.0,
     kappa: float = 1.01,
     optimize_scale: bool = False,
+    init: str = "minmax",
 ) -> QuantizedTensor:
     """Quantize ``w`` with HQQ: min-max scales, zero-points optimized for ``mean |W - Ŵ|^p``.
 
@@ -182,6 +183,9 @@ def hqq_quantize(
             moving (or, with ``optimize_scale``, when no group's lp error improves).
         beta, kappa: the penalty weight of the splitting and its growth factor per iteration.
         optimize_scale: also refit the scale each step (least squares on the shrunk target).
+        init: ``"minmax"`` starts from each group's own [min, max] with a fractional zero (the
+            paper); ``"rtn"`` starts from round-to-nearest's grid (range widened to include 0,
+            integer zero) and lets the iterations move the zero from there.
 
     Returns a :class:`QuantizedTensor` with fractional zero-points: ``w ≈ scale * (codes - zero)``.
     """
@@ -191,6 +195,8 @@ def hqq_quantize(
         raise ValueError(f"p must be in (0, 1], got {p}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    if init not in ("minmax", "rtn"):
+        raise ValueError(f"init must be 'minmax' or 'rtn', got {init!r}")
     if beta <= 0 or kappa < 1:
         raise ValueError(f"need beta > 0 and kappa >= 1, got beta={beta}, kappa={kappa}")
 
@@ -205,16 +211,18 @@ def hqq_quantize(
     for i in range(0, n_groups, rows):
         sl = slice(i, i + rows)
         wc = wg[sl].contiguous()
-        # Start as the HQQ paper does: the group's own [min, max] on the grid, fractional zero.
-        lo, hi = wc.amin(1, keepdim=True), wc.amax(1, keepdim=True)
-        s0 = torch.where(hi > lo, (hi - lo) / spec.qmax, torch.ones_like(hi))
-        z0 = -lo / s0
+        rs, rz = rtn_scale.float().reshape(-1, 1)[sl], rtn_zero.float().reshape(-1, 1)[sl]
+        if init == "rtn":
+            s0, z0 = rs, rz
+        else:  # as the HQQ paper does: the group's own [min, max] on the grid, fractional zero
+            lo, hi = wc.amin(1, keepdim=True), wc.amax(1, keepdim=True)
+            s0 = torch.where(hi > lo, (hi - lo) / spec.qmax, torch.ones_like(hi))
+            z0 = -lo / s0
         if optimize_scale:
             sc, zc = _scale_and_zero_steps(wc, s0, z0, spec.qmax, p, iters, beta, kappa)
         else:
             sc, zc = s0, _zero_steps(wc / s0, s0, z0, spec.qmax, p, iters, beta, kappa)
         # Keep round-to-nearest's parameters where they happen to be better (never worse than RTN).
-        rs, rz = rtn_scale.float().reshape(-1, 1)[sl], rtn_zero.float().reshape(-1, 1)[sl]
         worse = _lp(wc / sc, sc, zc, spec.qmax, p) > _lp(wc / rs, rs, rz, spec.qmax, p)
         out_s[sl] = torch.where(worse, rs, sc)
         out_z[sl] = torch.where(worse, rz, zc)
