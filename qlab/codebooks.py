@@ -81,28 +81,27 @@ def nearest_code(xn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return order[idx].to(torch.uint8)
 
 
-def nf4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
-    """Spec for NF4 with one absmax per ``block_size`` elements of the last dim."""
+def codebook_spec(name: str, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
+    """Spec for the codebook ``name`` (``"nf4"`` or ``"fp4"``): one absmax per ``block_size``
+    elements of the last dim."""
     return QuantSpec(
         bits=4,
         symmetric=False,
         granularity="group",
         group_size=block_size,
-        codebook="nf4",
+        codebook=name,
         double_quant=double_quant,
     )
+
+
+def nf4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
+    """Spec for NF4 with one absmax per ``block_size`` elements of the last dim."""
+    return codebook_spec("nf4", block_size, double_quant)
 
 
 def fp4_spec(block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False) -> QuantSpec:
     """Spec for FP4 (e2m1) with one absmax per ``block_size`` elements of the last dim."""
-    return QuantSpec(
-        bits=4,
-        symmetric=False,
-        granularity="group",
-        group_size=block_size,
-        codebook="fp4",
-        double_quant=double_quant,
-    )
+    return codebook_spec("fp4", block_size, double_quant)
 
 
 def double_quantize_scales(scale: torch.Tensor) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:

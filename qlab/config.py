@@ -63,9 +63,9 @@ class QuantConfig:
     def spec(self) -> QuantSpec:
         """The weight :class:`QuantSpec` for this config (codebook specs for nf4/fp4)."""
         if self.method in ("nf4", "fp4"):
-            from qlab.codebooks import fp4_spec, nf4_spec
+            from qlab.codebooks import DEFAULT_BLOCK_SIZE, codebook_spec
 
-            return (nf4_spec if self.method == "nf4" else fp4_spec)(self.group_size or 64)
+            return codebook_spec(self.method, self.group_size or DEFAULT_BLOCK_SIZE)
         symmetric = self.symmetric if self.symmetric is not None else self.bits == 8
         if self.group_size is None:
             return QuantSpec.per_channel(self.bits, symmetric=symmetric, axis=0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from qlab.codebooks import fp4_spec, nf4_spec
+from qlab.codebooks import codebook_spec
 from qlab.formats import FloatFormat, format_bytes, from_code, get_format
 from qlab.picker import (
     DEFAULT_MEMORY,
@@ -204,7 +204,7 @@ def _codebook(name: str) -> Quantizer:
             raise ValueError(f"{name.upper()} scales blocks of the last dim: choose 'channel' or 'group'")
         block = spec.group_size if spec.granularity == "group" else x.shape[-1]
         assert block is not None
-        return quantize(x, (nf4_spec if name == "nf4" else fp4_spec)(block))
+        return quantize(x, codebook_spec(name, block))
 
     return q
 

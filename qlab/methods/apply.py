@@ -35,7 +35,7 @@ from qlab.calibration import (
     model_call,
     run_layer,
 )
-from qlab.codebooks import fp4_spec, nf4_spec
+from qlab.codebooks import DEFAULT_BLOCK_SIZE, codebook_spec
 from qlab.config import QuantConfig
 from qlab.methods.awq import awq_search, quantize_scaled
 from qlab.methods.gptq import gptq_quantize
@@ -308,10 +308,6 @@ def _scaled_method(
     return result, int8_modules
 
 
-def _codebook_spec(method: str, group_size: int | None) -> QuantSpec:
-    return (nf4_spec if method == "nf4" else fp4_spec)(group_size or 64)
-
-
 def _reject_unknown_kwargs(method: str, kwargs: dict[str, Any]) -> None:
     unknown = set(kwargs) - _KWARGS[method]
     if unknown:
@@ -381,7 +377,11 @@ def quantize_model_with(
                     )
                 else:
                     cfg = config.for_module(name)
-                    spec = cfg.spec() if method == "rtn" else _codebook_spec(method, cfg.group_size)
+                    spec = (
+                        cfg.spec()
+                        if method == "rtn"
+                        else codebook_spec(method, cfg.group_size or DEFAULT_BLOCK_SIZE)
+                    )
                     result.tensors[name] = quantize(w, spec)
         for name, mod in int8_modules.items():
             _set_module(model, name, mod)
