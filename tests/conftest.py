@@ -11,7 +11,31 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# Real models, shared by the test files that need them. Module scope: a test that changes a model
+# in place cannot leak into another file. Fetching is a no-op once the cache is warm.
+@pytest.fixture(scope="module")
+def fetched() -> None:
+    from qlab import models
+
+    models.fetch(progress=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2(fetched):
+    from qlab import models
+
+    return models.load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def minilm(fetched):
+    from qlab import models
+
+    return models.load_minilm()

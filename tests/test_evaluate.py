@@ -223,16 +223,6 @@ def test_embedding_cosine_on_toy_encoders():
 # --------------------------------------------------------------------------------------------------------
 # Real models
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fetched():
-    M.fetch(progress=False)  # no-op when the cache is warm
-
-
-@pytest.fixture(scope="module")
-def smollm2(fetched):
-    return M.load_smollm2()
-
-
 @pytest.mark.slow
 def test_smollm2_perplexity_on_evaluation_text(smollm2, capsys):
     model, tokenizer = smollm2

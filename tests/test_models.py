@@ -307,21 +307,6 @@ def test_unpermute_rotary_inverts_llama_cpp_permute():
 # --------------------------------------------------------------------------------------------------------
 # Real models and text
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fetched():
-    M.fetch(progress=False)  # no-op when the cache is warm
-
-
-@pytest.fixture(scope="module")
-def smollm2(fetched):
-    return M.load_smollm2()
-
-
-@pytest.fixture(scope="module")
-def minilm(fetched):
-    return M.load_minilm()
-
-
 @pytest.mark.slow
 def test_smollm2_config_and_greedy_paris(smollm2):
     model, tokenizer = smollm2
