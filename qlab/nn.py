@@ -13,7 +13,15 @@ the storage a file or a GPU kernel sees; ``nbytes`` counts them.
 Forward dispatch lives in one function, :func:`select_path` (and :func:`_run` which executes it):
 
 * CUDA with triton: ``qlab.kernels.dequant_matmul`` (fused dequantize-matmul, never a float ``W``);
-* CPU: torch's fused weight-only ops, with bf16 activations and fp32 accumulation:
+* CPU, many rows of ``x`` (``>=`` :data:`CPU_TILED_MIN_ROWS`, prefill): ``cpu_tiled``, qlab's C
+  kernel (:mod:`qlab.kernels.cpu`) dequantizes 512 rows of ``W`` at a time to bf16 into one
+  cache-sized buffer and torch's bf16 GEMM (oneDNN, AMX tiles where the CPU has them) multiplies
+  each block: the whole float ``W`` never exists;
+* CPU, few rows (decode): torch's int4 op (affine 1-4 bits) or int8 op (8 bits, one scale per
+  row) where they apply, else ``cpu_gemv``, qlab's C kernel that multiplies the packed codes with
+  bf16 ``x`` directly (codebooks through a 16-entry lookup; 8-bit groups with fp32 ``x``);
+* CPU without a C compiler (or ``QLAB_CPU_KERNELS=0``): torch's fused weight-only ops, with bf16
+  activations and fp32 accumulation:
   - ``int4``: 1- to 4-bit affine codes (2-bit and 3-bit codes are valid 4-bit codes) through
     ``_weight_int4pack_mm_for_cpu``, whose convention ``w = (u - 8) * s + z'`` is reached exactly
     in real arithmetic with ``z' = s * (8 - zero)``;
@@ -57,7 +65,10 @@ from qlab.quantize import QuantizedTensor, QuantSpec, quantize
 Mode = Literal["weight", "fp8", "w8a8"]
 MODES: tuple[str, ...] = ("weight", "fp8", "w8a8")
 #: Every forward path :func:`select_path` can return.
-PATHS = ("reference", "triton", "int4", "int8", "int_mm", "fp8_bf16")
+PATHS = ("reference", "triton", "cpu_tiled", "cpu_gemv", "int4", "int8", "int_mm", "fp8_bf16")
+#: Rows of ``x`` from which CPU weight-only layers dequantize-in-tiles for a bf16 GEMM (measured
+#: crossover on a 2-core AVX-512/AMX machine, ``benchmarks/bench_linear.py``).
+CPU_TILED_MIN_ROWS = 8
 #: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
 FAST_PATH_RTOL = 1e-2
 #: Methods implemented here; the others go through :func:`qlab.methods.quantize_model_with`.
@@ -108,6 +119,15 @@ def _kernels() -> Any:
         return None
     ok = getattr(kernels, "available", None)
     return kernels if ok is not None and ok("cuda") else None
+
+
+def _cpu_kernels() -> Any:
+    """``qlab.kernels.cpu`` when its C library is built and loaded here, else None."""
+    try:
+        from qlab.kernels import cpu
+    except Exception:  # a broken install keeps the torch paths
+        return None
+    return cpu if cpu.load() is not None else None
 
 
 def _codebook_int8_levels(table: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -399,7 +419,7 @@ class QuantLinear(nn.Module):
         return sum(
             t.numel() * t.element_size()
             for entry in self._cache.values()
-            for t in (entry if isinstance(entry, tuple) else (entry,))
+            for t in (entry.tensors() if hasattr(entry, "tensors") else entry if isinstance(entry, tuple) else (entry,))
             if isinstance(t, torch.Tensor)
         )
 
@@ -480,6 +500,17 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
         return "int_mm"
     if layer.mode == "fp8":
         return "fp8_bf16"
+    cpu = _cpu_kernels()
+    if cpu is not None and cpu.fits(layer.spec.bits, layer.group_size, layer.in_features):
+        if x.numel() // layer.in_features >= CPU_TILED_MIN_ROWS:
+            return "cpu_tiled"
+        # At decode torch's own ops are the faster kernels where they apply (measured): the int4
+        # op for affine 1-4 bits, the int8 op for 8-bit codes with one scale per row.
+        if layer.spec.codebook is None and _int4_group(layer) is not None:
+            return "int4"
+        if layer.spec.codebook is None and layer.spec.bits == 8 and layer.group_size == layer.in_features:
+            return "int8"
+        return "cpu_gemv"
     if _int4_group(layer) is not None:
         return "int4"
     return "int8"
@@ -495,6 +526,10 @@ def _run(layer: QuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
         if x2.shape[0] == 0:
             y2 = x2.new_zeros(0, layer.out_features)
+        elif path == "cpu_gemv":
+            y2 = _cpu_kernels().gemv(x2, _cpu_weight(layer))
+        elif path == "cpu_tiled":
+            y2 = _cpu_kernels().tiled_matmul(x2, _cpu_weight(layer))
         elif path == "int4":
             y2 = _int4_forward(layer, x2)
         elif path == "int8":
@@ -547,6 +582,22 @@ def _w8a8_forward(layer: QuantLinear, x2: torch.Tensor, exact_int: bool) -> torc
         codes = layer.quantized_tensor().codes.float()
         acc = qx.float() @ codes.t()
     return acc * sx * sw
+
+
+def _cpu_weight(layer: QuantLinear) -> Any:
+    """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once, cached on the layer)."""
+    entry = layer._cache.get("cpu")
+    if entry is None:
+        bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
+        zero = layer.zero
+        if zero is None and layer.codebook is None:  # symmetric codes are stored offset by 2^(bits-1)
+            zero = torch.full((1, 1), 2.0 ** (bits - 1))
+        scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
+        entry = _cpu_kernels().prepare(
+            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
+        )
+        layer._cache["cpu"] = entry
+    return entry
 
 
 def _int4_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,270 @@
+"""qlab's native CPU kernels (``kernels/cpu.c``): quantized matmul with dequantization on the fly.
+
+Two entry points, both on a :class:`CpuWeight` (the codes re-laid out for the kernel, built once per
+layer by :func:`prepare`):
+
+* :func:`gemv` — few rows of ``x`` (decode): reads each packed code once per row of ``x`` and
+  multiplies it with bf16 activations (``vdpbf16ps`` on CPUs with AVX512-BF16; fp32 for 8-bit
+  codes), fp32 sums, zero-point folded out of the loop::
+
+      y[m, n] = Σ_g s[n, g] (x[m, g] · v[n, g]) - s[n, g] z[n, g] Σ x[m, g],   v = u or T[u]
+
+* :func:`tiled_matmul` — many rows (prefill): dequantizes ``rows`` rows of ``W`` at a time to bf16
+  into one reused buffer (sized to stay in cache) and multiplies each block with torch's bf16 GEMM
+  (oneDNN; AMX tiles where the CPU has them), so the whole float ``W`` never exists.
+
+The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) at
+``-O3 -march=native -fopenmp`` into ``$QLAB_CACHE/kernels`` (else ``~/.cache/qlab/kernels``), keyed
+by a hash of the source and flags, so a later import only loads it. ``QLAB_CPU_KERNELS=0`` turns
+it off. Where no compiler works, :func:`load` returns None and :mod:`qlab.nn` keeps its torch paths
+(the reason is in :func:`status`). It links the OpenMP runtime torch already loaded (same soname),
+so it shares torch's threads instead of competing with them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["CpuWeight", "load", "status", "build", "prepare", "fits", "gemv", "tiled_matmul", "kernel_bits"]
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+ABI = 2  # must match QLAB_CPU_ABI in cpu.c
+#: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
+TILE_ROWS = 512
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status = "not loaded yet"
+_P = ctypes.c_void_p
+_L = ctypes.c_long
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("QLAB_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qlab") / "kernels"
+
+
+def build(out_dir: str | os.PathLike[str] | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile ``cpu.c`` with ``flags`` into ``out_dir`` (default: the cache) and return the library's path.
+
+    The file name carries a hash of the source, flags and compiler, so a changed source rebuilds and
+    concurrent builders (pytest workers) each write a temporary file and rename it into place.
+    Raises RuntimeError with the compiler's message when it fails.
+    """
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr((flags, cc)).encode()).hexdigest()[:16]
+    root = Path(out_dir) if out_dir is not None else _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"qlab_cpu_{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.qlab_cpu_abi() != ABI:
+        raise RuntimeError(f"{path} has ABI {lib.qlab_cpu_abi()}, expected {ABI}")
+    lib.qlab_gemv.argtypes = [ctypes.c_int, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.qlab_gemv.restype = ctypes.c_int
+    lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.qlab_dequant_bf16.restype = ctypes.c_int
+    return lib
+
+
+def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels (built on first call), or None where they cannot be built or are disabled.
+
+    With ``path``, load that library instead (tests use it for a portable, non-AVX-512 build).
+    """
+    global _lib, _status
+    if path is not None:
+        return _bind(Path(path))
+    with _lock:
+        if _lib is not None or _status != "not loaded yet":
+            return _lib
+        if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
+            _status = "disabled by QLAB_CPU_KERNELS=0"
+            return None
+        try:
+            _lib = _bind(build())
+            _status = "avx512-bf16" if _lib.qlab_cpu_avx512() else "portable C"
+        except (OSError, RuntimeError) as err:
+            _status = f"unavailable: {err}"
+        return _lib
+
+
+def status() -> str:
+    """How the CPU kernels stand: ``"avx512-bf16"``, ``"portable C"``, or why they are unavailable."""
+    load()
+    return _status
+
+
+def kernel_bits(bits: int, group_size: int) -> int | None:
+    """The code width the kernel runs ``bits``-bit codes at (1/3-bit codes are valid 4-bit codes), or None.
+
+    A block holds ``16 * 8 / b`` inputs and a group must be whole blocks.
+    """
+    widths = {8: (8,), 4: (4,), 2: (2, 4)}.get(bits, (4,) if bits < 4 else (8,))
+    return next((kb for kb in widths if group_size % (16 * 8 // kb) == 0), None)
+
+
+def fits(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether a ``bits``-bit weight with this group size can run on these kernels."""
+    return 1 <= bits <= 8 and in_features % group_size == 0 and kernel_bits(bits, group_size) is not None
+
+
+@dataclass
+class CpuWeight:
+    """A weight laid out for the kernels: ``codes [N, K*bits/8]`` in 16-byte blocks (see ``cpu.c``).
+
+    ``scale``, ``zero`` (None for codebooks) and ``sz = scale * zero`` are fp32 ``[N, K/g]``; ``lut``
+    holds the bf16 value of each code (32 entries), ``table`` the fp32 codebook (or None).
+    """
+
+    codes: torch.Tensor
+    bits: int
+    group_size: int
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    sz: torch.Tensor | None
+    lut: torch.Tensor
+    table: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.codes, self.scale, self.zero, self.sz, self.lut, self.table) if t is not None)
+
+
+def prepare(
+    codes: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None = None,
+) -> CpuWeight:
+    """Lay out unsigned ``codes [N, K]`` (uint8, values < 2^bits) and their scales for the kernels.
+
+    ``scale``/``zero`` are ``[N or 1, K/g or 1]`` (per-tensor and per-channel broadcast to groups);
+    ``zero`` None means no zero-point (codebooks); ``table`` is a 16-entry codebook for 4-bit codes.
+    """
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} with shape {list(codes.shape)}")
+    n, k = codes.shape
+    if not fits(bits, group_size, k):
+        raise ValueError(f"a {bits}-bit weight with group_size={group_size} and in_features={k} does not fit the CPU kernels")
+    kb = kernel_bits(bits, group_size)
+    assert kb is not None
+    c = 8 // kb
+    blocks = codes.reshape(n, k // (16 * c), c, 16).to(torch.int32)
+    packed = torch.zeros(n, k // (16 * c), 16, dtype=torch.int32)
+    for i in range(c):
+        packed |= blocks[:, :, i, :] << (i * kb)
+    groups = k // group_size
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:
+        t = t.float().expand(n, -1)
+        return t.repeat_interleave(groups // t.shape[1], dim=1).contiguous()
+
+    s = per_group(scale)
+    z = None if zero is None else per_group(zero)
+    values = table.float() if table is not None else torch.arange(16, dtype=torch.float32)
+    lut = torch.zeros(32, dtype=torch.float32)
+    lut[:16] = values[:16] if table is not None else values
+    return CpuWeight(
+        codes=packed.to(torch.uint8).reshape(n, -1).contiguous(),
+        bits=kb,
+        group_size=group_size,
+        scale=s,
+        zero=z,
+        sz=None if z is None else (s * z).contiguous(),
+        lut=lut.to(torch.bfloat16).view(torch.int16).contiguous(),
+        table=None if table is None else table.float().contiguous(),
+    )
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _require(lib: ctypes.CDLL | None) -> ctypes.CDLL:
+    lib = lib or load()
+    if lib is None:
+        raise RuntimeError(f"qlab's CPU kernels are not available: {status()}")
+    return lib
+
+
+def gemv(x: torch.Tensor, w: CpuWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``y = x Wᵀ`` (fp32 ``[M, N]``) for ``x [M, K]`` on the CPU: the decode kernel."""
+    lib = _require(lib)
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    m, g = x.shape[0], w.group_size
+    xf = x.float()
+    xk = xf.contiguous() if w.bits == 8 else x.to(torch.bfloat16).contiguous()
+    # the zero-point term uses the same (rounded) x the products see
+    xsum = None if w.sz is None else xk.float().reshape(m, k // g, g).sum(-1).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.qlab_gemv(
+        m, n, k, w.bits, g, _ptr(xk), _ptr(xsum), _ptr(w.codes), _ptr(w.scale), _ptr(w.sz), _ptr(w.lut),
+        _ptr(y), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"qlab_gemv rejected shapes M={m} N={n} K={k} bits={w.bits} g={g}")
+    return y
+
+
+def tiled_matmul(
+    x: torch.Tensor, w: CpuWeight, rows: int = TILE_ROWS, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """``y = x Wᵀ`` (bf16 ``[M, N]``, fp32 accumulation inside the GEMM), ``rows`` rows of ``W`` at a time."""
+    lib = _require(lib)
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    xb = x.to(torch.bfloat16).contiguous()
+    rows = min(rows, n)
+    buf = torch.empty(rows, k, dtype=torch.bfloat16)
+    yt = torch.empty(n, x.shape[0], dtype=torch.bfloat16)  # yᵀ: each block's output rows are contiguous
+    threads = torch.get_num_threads()
+    for n0 in range(0, n, rows):
+        n1 = min(n0 + rows, n)
+        rc = lib.qlab_dequant_bf16(
+            n0, n1, k, w.bits, w.group_size, _ptr(w.codes), _ptr(w.scale), _ptr(w.zero), _ptr(w.table),
+            _ptr(buf), threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"qlab_dequant_bf16 rejected shapes N={n} K={k} bits={w.bits} g={w.group_size}")
+        torch.mm(buf[: n1 - n0], xb.t(), out=yt[n0:n1])
+    return yt.t()
