@@ -89,7 +89,21 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.qlab_cpu_abi() != ABI:
         raise RuntimeError(f"{path} has ABI {lib.qlab_cpu_abi()}, expected {ABI}")
-    lib.qlab_gemv.argtypes = [ctypes.c_int, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.qlab_gemv.argtypes = [
+        ctypes.c_int,
+        _L,
+        _L,
+        ctypes.c_int,
+        _L,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+    ]
     lib.qlab_gemv.restype = ctypes.c_int
     lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.qlab_dequant_bf16.restype = ctypes.c_int
@@ -160,7 +174,9 @@ class CpuWeight:
         return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.codes, self.scale, self.zero, self.sz, self.lut, self.table) if t is not None)
+        return tuple(
+            t for t in (self.codes, self.scale, self.zero, self.sz, self.lut, self.table) if t is not None
+        )
 
 
 def prepare(
@@ -177,10 +193,15 @@ def prepare(
     ``zero`` None means no zero-point (codebooks); ``table`` is a 16-entry codebook for 4-bit codes.
     """
     if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} with shape {list(codes.shape)}")
+        raise ValueError(
+            f"codes must be a 2-D uint8 tensor, got {codes.dtype} with shape {list(codes.shape)}"
+        )
     n, k = codes.shape
     if not fits(bits, group_size, k):
-        raise ValueError(f"a {bits}-bit weight with group_size={group_size} and in_features={k} does not fit the CPU kernels")
+        raise ValueError(
+            f"a {bits}-bit weight with group_size={group_size} and in_features={k} "
+            "does not fit the CPU kernels (see kernel_bits)"
+        )
     kb = kernel_bits(bits, group_size)
     assert kb is not None
     c = 8 // kb
@@ -265,6 +286,8 @@ def tiled_matmul(
             _ptr(buf), threads,
         )  # fmt: skip
         if rc != 0:
-            raise RuntimeError(f"qlab_dequant_bf16 rejected shapes N={n} K={k} bits={w.bits} g={w.group_size}")
+            raise RuntimeError(
+                f"qlab_dequant_bf16 rejected shapes N={n} K={k} bits={w.bits} g={w.group_size}"
+            )
         torch.mm(buf[: n1 - n0], xb.t(), out=yt[n0:n1])
     return yt.t()

@@ -121,6 +121,12 @@ def _kernels() -> Any:
     return kernels if ok is not None and ok("cuda") else None
 
 
+def _cache_tensors(entry: Any) -> tuple[Any, ...]:
+    if hasattr(entry, "tensors"):  # a qlab.kernels.cpu.CpuWeight
+        return tuple(entry.tensors())
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
 def _cpu_kernels() -> Any:
     """``qlab.kernels.cpu`` when its C library is built and loaded here, else None."""
     try:
@@ -419,7 +425,7 @@ class QuantLinear(nn.Module):
         return sum(
             t.numel() * t.element_size()
             for entry in self._cache.values()
-            for t in (entry.tensors() if hasattr(entry, "tensors") else entry if isinstance(entry, tuple) else (entry,))
+            for t in _cache_tensors(entry)
             if isinstance(t, torch.Tensor)
         )
 

@@ -13,8 +13,10 @@ from torch import nn
 from qlab.codebooks import NF4_VALUES
 from qlab.config import QuantConfig
 from qlab.nn import (
+    CPU_TILED_MIN_ROWS,
     FAST_PATH_RTOL,
     QuantLinear,
+    _cpu_kernels,
     dequantize_model,
     memory_footprint,
     quant_linears,
@@ -26,22 +28,31 @@ from qlab.quantize import QuantSpec, quantize
 
 K, N = 256, 64
 
-# (config, CPU path it must take: the dequantize-then-matmul reference is never the default)
+# config -> the CPU paths it must take: (decode, prefill) with qlab's C kernels, and the path
+# without them (no compiler). The dequantize-then-matmul reference is never the default.
 SETTINGS = {
-    "w8 per-channel": (QuantConfig("rtn", 8, None), "int8"),
-    "w8 sym g64": (QuantConfig("rtn", 8, 64), "int8"),
-    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), "int8"),
-    "w4 g128": (QuantConfig("rtn", 4, 128), "int4"),
-    "w4 g32": (QuantConfig("rtn", 4, 32), "int4"),
-    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), "int4"),
-    "w3 g64": (QuantConfig("rtn", 3, 64), "int4"),
-    "w2 g64": (QuantConfig("rtn", 2, 64), "int4"),
-    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), "int4"),
-    "nf4 b64": (QuantConfig("nf4", 4, 64), "int8"),
-    "fp4 b32": (QuantConfig("fp4", 4, 32), "int8"),
-    "fp8": (QuantConfig("fp8", 8, None), "fp8_bf16"),
-    "w8a8": (QuantConfig("w8a8", 8, None), "int_mm"),
+    "w8 per-channel": (QuantConfig("rtn", 8, None), ("int8", "cpu_tiled"), "int8"),
+    "w8 sym g64": (QuantConfig("rtn", 8, 64), ("cpu_gemv", "cpu_tiled"), "int8"),
+    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_gemv", "cpu_tiled"), "int8"),
+    "w4 g128": (QuantConfig("rtn", 4, 128), ("int4", "cpu_tiled"), "int4"),
+    "w4 g32": (QuantConfig("rtn", 4, 32), ("int4", "cpu_tiled"), "int4"),
+    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("int4", "cpu_tiled"), "int4"),
+    "w3 g64": (QuantConfig("rtn", 3, 64), ("int4", "cpu_tiled"), "int4"),
+    "w2 g64": (QuantConfig("rtn", 2, 64), ("int4", "cpu_tiled"), "int4"),
+    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("int4", "cpu_tiled"), "int4"),
+    "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_gemv", "cpu_tiled"), "int8"),
+    "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_gemv", "cpu_tiled"), "int8"),
+    "fp8": (QuantConfig("fp8", 8, None), ("fp8_bf16", "fp8_bf16"), "fp8_bf16"),
+    "w8a8": (QuantConfig("w8a8", 8, None), ("int_mm", "int_mm"), "int_mm"),
 }
+HAS_CPU_KERNELS = _cpu_kernels() is not None
+
+
+def expected_path(name: str, rows: int) -> str:
+    _, with_kernels, without = SETTINGS[name]
+    if not HAS_CPU_KERNELS:
+        return without
+    return with_kernels[rows >= CPU_TILED_MIN_ROWS]
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -59,7 +70,7 @@ def linear() -> nn.Linear:
 
 @pytest.fixture(scope="module")
 def layers(linear) -> dict[str, QuantLinear]:
-    return {k: QuantLinear.from_linear(linear, cfg) for k, (cfg, _) in SETTINGS.items()}
+    return {k: QuantLinear.from_linear(linear, cfg) for k, (cfg, *_) in SETTINGS.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +82,7 @@ def layers(linear) -> dict[str, QuantLinear]:
 def test_fast_path_matches_reference(layers, name, dtype, shape):
     layer = layers[name]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    assert select_path(layer, x) == SETTINGS[name][1]
+    assert select_path(layer, x) == expected_path(name, x.numel() // K)
     with torch.inference_mode():
         y = layer(x)
         with use_path("reference"):

@@ -1,0 +1,190 @@
+"""qlab.kernels.cpu: the C decode and prefill kernels against plain-torch references."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qlab.kernels import cpu
+
+from qlab.codebooks import codebook_table
+
+lib = cpu.load()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels unavailable: {cpu.status()}")
+
+
+def reference_weight(codes, scale, zero, group_size, table=None) -> torch.Tensor:
+    """``W = s (u - z)`` or ``s T[u]`` in fp32, scales broadcast per group: plain torch."""
+    n, k = codes.shape
+    s = scale.float().expand(n, -1).repeat_interleave(k // scale.shape[1], dim=1)
+    if table is not None:
+        return s * table.float()[codes.long()]
+    z = zero.float().expand(n, -1).repeat_interleave(k // zero.shape[1], dim=1)
+    return s * (codes.float() - z)
+
+
+def make(bits, n, k, g, seed=0, codebook=None):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen).to(torch.uint8)
+    scale = torch.rand(n, k // g, generator=gen) + 0.05
+    zero = None if codebook else torch.randint(0, 2**bits, (n, k // g), generator=gen).float()
+    table = codebook_table(codebook) if codebook else None
+    return codes, scale, zero, table
+
+
+def rel_err(y, ref) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+CASES = [(8, 64), (8, 256), (4, 32), (4, 128), (2, 64), (2, 32), (3, 64), (1, 128)]
+
+
+@pytest.mark.parametrize("bits,g", CASES)
+@pytest.mark.parametrize("m", [1, 3, 4, 6])
+def test_gemv_matches_torch(bits, g, m):
+    n, k = 48, 256
+    codes, scale, zero, _ = make(bits, n, k, g, seed=bits * 100 + g + m)
+    w = cpu.prepare(codes, bits, g, scale, zero)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    ref = x.double() @ reference_weight(codes, scale, zero, g).double().t()
+    y = cpu.gemv(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    # 8-bit codes meet fp32 x; 1- to 4-bit codes meet bf16 x (2^-9 relative per element)
+    assert rel_err(y, ref) < (1e-5 if w.bits == 8 else 4e-3)
+    if w.bits != 8:  # with the same bf16 x the kernel is exact up to fp32 summation order
+        xb = x.to(torch.bfloat16).double()
+        torch.testing.assert_close(y.double(), xb @ reference_weight(codes, scale, zero, g).double().t(),
+                                   rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_codebook_gemv_and_tiles(name):
+    n, k, g = 32, 256, 64
+    codes, scale, _, table = make(4, n, k, g, codebook=name)
+    w = cpu.prepare(codes, 4, g, scale, None, table)
+    ref_w = reference_weight(codes, scale, None, g, table)
+    x = torch.randn(2, k)
+    # the kernel's lookup holds bf16(T[u]); that and bf16 x are its only roundings
+    lut_w = reference_weight(codes, scale, None, g, table.to(torch.bfloat16))
+    torch.testing.assert_close(
+        cpu.gemv(x, w).double(), x.to(torch.bfloat16).double() @ lut_w.double().t(), rtol=1e-5, atol=1e-4
+    )
+    eye = torch.eye(k)
+    assert torch.equal(cpu.tiled_matmul(eye, w, rows=8).t(), ref_w.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits,g", CASES)
+@pytest.mark.parametrize("rows", [7, 16, 512])
+def test_tiled_dequantization_is_bit_exact(bits, g, rows):
+    """x = I makes y = Wᵀ exactly: each tile equals torch's bf16 cast of the fp32 reference weight."""
+    n, k = 40, 256
+    codes, scale, zero, _ = make(bits, n, k, g, seed=bits + g)
+    w = cpu.prepare(codes, bits, g, scale, zero)
+    y = cpu.tiled_matmul(torch.eye(k), w, rows=rows)
+    assert y.dtype == torch.bfloat16 and y.shape == (k, n)
+    assert torch.equal(y.t(), reference_weight(codes, scale, zero, g).to(torch.bfloat16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 3, 4, 8]),
+    blocks=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 40),
+    m=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_and_tiles_property(bits, blocks, groups, n, m, seed):
+    g = blocks * 16 * 8 // (cpu.kernel_bits(bits, 128) or 8)
+    k = g * groups
+    codes, scale, zero, _ = make(bits, n, k, g, seed=seed)
+    w = cpu.prepare(codes, bits, g, scale, zero)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    ref = x.double() @ reference_weight(codes, scale, zero, g).double().t()
+    assert rel_err(cpu.gemv(x, w), ref) < 1e-2
+    assert rel_err(cpu.tiled_matmul(x, w, rows=max(1, n // 3)).float(), ref) < 2e-2
+
+
+def test_per_tensor_and_per_channel_scales_broadcast():
+    n, k = 16, 128
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    x = torch.randn(1, k)
+    for scale, zero in (
+        (torch.tensor([[0.3]]), torch.tensor([[7.0]])),
+        (torch.rand(n, 1), torch.full((n, 1), 8.0)),
+    ):
+        w = cpu.prepare(codes, 4, k, scale, zero)
+        ref = x.double() @ reference_weight(codes, scale, zero, k).double().t()
+        assert rel_err(cpu.gemv(x, w), ref) < 4e-3
+
+
+def test_kernel_bits_and_fits():
+    assert cpu.kernel_bits(4, 32) == 4 and cpu.kernel_bits(4, 16) is None
+    assert cpu.kernel_bits(2, 64) == 2 and cpu.kernel_bits(2, 32) == 4
+    assert cpu.kernel_bits(3, 64) == 4 and cpu.kernel_bits(1, 128) == 4
+    assert cpu.kernel_bits(8, 16) == 8 and cpu.kernel_bits(8, 8) is None
+    assert cpu.fits(4, 64, 256) and not cpu.fits(4, 64, 250) and not cpu.fits(9, 64, 256)
+
+
+def test_bad_inputs_are_named():
+    codes, scale, zero, _ = make(4, 8, 64, 32)
+    with pytest.raises(ValueError, match="codes must be a 2-D uint8"):
+        cpu.prepare(codes.int(), 4, 32, scale, zero)
+    with pytest.raises(ValueError, match="group_size=16"):
+        cpu.prepare(codes, 4, 16, torch.rand(8, 4), torch.rand(8, 4))
+    w = cpu.prepare(codes, 4, 32, scale, zero)
+    with pytest.raises(ValueError, match=r"x must be a CPU tensor of shape \[M, 64\]"):
+        cpu.gemv(torch.randn(2, 63), w)
+    with pytest.raises(ValueError, match=r"x must be a CPU tensor of shape \[M, 64\]"):
+        cpu.tiled_matmul(torch.randn(64), w)
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        cpu.tiled_matmul(torch.randn(2, 64), w, rows=0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_portable_build_matches_the_native_one(tmp_path):
+    """The non-AVX-512 branch of cpu.c (what other CPUs run) computes the same results."""
+    flags = tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in cpu.FLAGS)
+    portable = cpu.load(cpu.build(tmp_path, flags))
+    assert portable.qlab_cpu_avx512() == 0
+    for bits, g in CASES:
+        codes, scale, zero, _ = make(bits, 24, 256, g, seed=g)
+        w = cpu.prepare(codes, bits, g, scale, zero)
+        x = torch.randn(5, 256)
+        assert rel_err(cpu.gemv(x, w, lib=portable), cpu.gemv(x, w)) < 1e-5  # fp32 summation order
+        torch.testing.assert_close(
+            cpu.tiled_matmul(x, w, lib=portable), cpu.tiled_matmul(x, w), rtol=0, atol=0
+        )
+    codes, scale, _, table = make(4, 24, 256, 64, codebook="nf4")
+    w = cpu.prepare(codes, 4, 64, scale, None, table)
+    x = torch.randn(3, 256)
+    assert rel_err(cpu.gemv(x, w, lib=portable), cpu.gemv(x, w)) < 1e-5
+
+
+def test_build_reports_compiler_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(RuntimeError, match="failed to build cpu.c"):
+        cpu.build(tmp_path)
+
+
+def test_status_names_the_build():
+    assert cpu.status() in ("avx512-bf16", "portable C")
+
+
+def test_disabled_kernels_fall_back_to_torch_paths():
+    """QLAB_CPU_KERNELS=0 (or no compiler) keeps every layer on torch's ops, with the reason in status()."""
+    code = (
+        "import torch; from qlab.kernels import cpu; from qlab.nn import QuantLinear, select_path;"
+        "from qlab.config import QuantConfig;"
+        "l = QuantLinear.from_linear(torch.nn.Linear(256, 32), QuantConfig('nf4', 4, 64));"
+        "print(cpu.status(), select_path(l, torch.randn(1, 256)), select_path(l, torch.randn(64, 256)))"
+    )
+    env = {**os.environ, "QLAB_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "disabled by QLAB_CPU_KERNELS=0 int8 int8"
