@@ -28,6 +28,8 @@ from torch import nn
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]
 
+from qlab.kernels.cpu import status as cpu_status  # noqa: E402
+
 from qlab.config import QuantConfig  # noqa: E402
 from qlab.nn import QuantLinear, select_path  # noqa: E402
 
@@ -140,8 +142,11 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool) -> Non
             rows[name] = cells
     for name, cells in rows.items():
         print(f"{name:<22}" + "".join(f"{c:>22}" for c in cells))
-    paths = {name: select_path(m, torch.randn(1, size)) for name, m in layers.items()}
-    print("qlab CPU paths: " + ", ".join(f"{k.removeprefix('qlab ')} -> {v}" for k, v in paths.items()))
+    for b in batches:
+        paths = {name: select_path(m, torch.randn(b, size)) for name, m in layers.items()}
+        shown = ", ".join(f"{k.removeprefix('qlab ')} -> {v}" for k, v in paths.items())
+        print(f"qlab paths at batch {b}: {shown}")
+    print(f"qlab C kernels (qlab.kernels.cpu): {cpu_status()}")
 
 
 def bench_model(repeats: int) -> None:
