@@ -28,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#define QLAB_CPU_ABI 2
+#define QLAB_CPU_ABI 3
 
 int qlab_cpu_abi(void) { return QLAB_CPU_ABI; }
 
@@ -195,6 +195,172 @@ int qlab_gemv(int M, long N, long K, int bits, long g, const void *x, const floa
         gemv_rows(M, N, K, 4, g, x, xsum, w, scale, sz, lut, y, threads);
     else
         gemv_rows(M, N, K, 8, g, x, xsum, w, scale, sz, lut, y, threads);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Decode with integer dot products: affine codes times x as two int8 planes.
+ *
+ * Layout "rows16" (prepare_rows16 in cpu.py): rows in blocks of 16, inputs in chunks of
+ * KB = 4c (c = 8/b codes per byte); a chunk of a row block is 64 bytes, 4 per row, and byte t of
+ * row j holds, in bits [i*b, (i+1)*b), the code of input k0 + 4i + t. Masking slot i out of all 64
+ * bytes gives each 32-bit lane (one row) the codes of 4 consecutive inputs, which vpdpbusd
+ * multiplies with 4 int8 x values broadcast to every lane: 64 products an instruction, 16 rows at
+ * once, no horizontal sums, and the per-group scales of 16 rows are one vector load.
+ *
+ * x is split per row into two int8 planes, x = sx (q1 + q2/254) with sx = max|x| / 127,
+ * q1 = round(x/sx), q2 = round(254 (x/sx - q1)): every element to within sx/508 (about 15 bits,
+ * finer than bf16 for all but the smallest elements). Products sum exactly in int32:
+ *     y[m,n] = sx * sum_g s[n,g] * ((A1 + A2/254) - z[n,g] * X[g]),  A = u . q over the group,
+ *     X[g] = sum over the group of (q1 + q2/254).
+ * ------------------------------------------------------------------------------------------- */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define QLAB_VNNI 1
+#else
+#define QLAB_VNNI 0
+#endif
+
+int qlab_cpu_vnni(void) { return QLAB_VNNI; }
+
+/* Two int8 planes of one row of x and the per-group sums X; returns sx (0 for an all-zero row),
+ * or NaN when the row holds an inf or a nan (its outputs are then NaN, as in float arithmetic). */
+static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, float *X)
+{
+    float amax = 0.0f;
+    int finite = 1;
+    for (long k = 0; k < K; k++) {
+        const float a = x[k] < 0 ? -x[k] : x[k];
+        finite &= a <= 3.402823466e38f; /* false for inf and nan */
+        amax = a > amax ? a : amax;
+    }
+    if (!finite) {
+        memset(q1, 0, (size_t)K);
+        memset(q2, 0, (size_t)K);
+        for (long q = 0; q < K / g; q++) X[q] = 0.0f;
+        return __builtin_nanf("");
+    }
+    const float sx = amax / 127.0f;
+    const float inv = sx > 0 ? 1.0f / sx : 0.0f;
+    for (long q = 0; q < K / g; q++) {
+        float acc = 0.0f;
+        for (long k = q * g; k < (q + 1) * g; k++) {
+            float t = x[k] * inv;
+            t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
+            const float r1 = __builtin_nearbyintf(t);
+            float r2 = __builtin_nearbyintf((t - r1) * 254.0f);
+            r2 = r2 > 127.0f ? 127.0f : r2 < -127.0f ? -127.0f : r2;
+            q1[k] = (int8_t)r1;
+            q2[k] = (int8_t)r2;
+            acc += r1 + r2 * (1.0f / 254.0f);
+        }
+        X[q] = acc;
+    }
+    return sx;
+}
+
+QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *q2, const float *X,
+                              const float *st, const float *zt, long G, long cpg, const int BITS,
+                              float sx, float *y)
+{
+#if QLAB_VNNI
+    const int c = 8 / BITS;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    __m512 acc = _mm512_setzero_ps();
+    for (long q = 0; q < G; q++) {
+        __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512();
+        __m512i b1 = _mm512_setzero_si512(), b2 = _mm512_setzero_si512();
+        for (long ch = 0; ch < cpg; ch++) {
+            const __m512i v = _mm512_loadu_si512(w);
+            w += 64;
+            for (int i = 0; i < c; i++) {
+                const __m512i u = BITS == 8 ? v
+                                  : i == 0 ? _mm512_and_si512(v, mask)
+                                           : _mm512_and_si512(_mm512_srli_epi32(v, i * BITS), mask);
+                int32_t x1, x2;
+                memcpy(&x1, q1 + 4 * i, 4);
+                memcpy(&x2, q2 + 4 * i, 4);
+                if (i & 1) {
+                    b1 = _mm512_dpbusd_epi32(b1, u, _mm512_set1_epi32(x1));
+                    b2 = _mm512_dpbusd_epi32(b2, u, _mm512_set1_epi32(x2));
+                } else {
+                    a1 = _mm512_dpbusd_epi32(a1, u, _mm512_set1_epi32(x1));
+                    a2 = _mm512_dpbusd_epi32(a2, u, _mm512_set1_epi32(x2));
+                }
+            }
+            q1 += 4 * c;
+            q2 += 4 * c;
+        }
+        a1 = _mm512_add_epi32(a1, b1);
+        a2 = _mm512_add_epi32(a2, b2);
+        __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1));
+        if (zt) f = _mm512_fnmadd_ps(_mm512_loadu_ps(zt + 16 * q), _mm512_set1_ps(X[q]), f);
+        acc = _mm512_fmadd_ps(f, _mm512_loadu_ps(st + 16 * q), acc);
+    }
+    _mm512_storeu_ps(y, _mm512_mul_ps(acc, _mm512_set1_ps(sx)));
+#else
+    const int c = 8 / BITS;
+    const unsigned mask = (1u << BITS) - 1u;
+    float acc[16] = {0};
+    for (long q = 0; q < G; q++) {
+        int32_t a1[16] = {0}, a2[16] = {0};
+        for (long ch = 0; ch < cpg; ch++) {
+            for (int j = 0; j < 16; j++)
+                for (int t = 0; t < 4; t++) {
+                    const unsigned b = w[4 * j + t];
+                    for (int i = 0; i < c; i++) {
+                        const int32_t u = (int32_t)((b >> (i * BITS)) & mask);
+                        a1[j] += u * q1[4 * i + t];
+                        a2[j] += u * q2[4 * i + t];
+                    }
+                }
+            w += 64;
+            q1 += 4 * c;
+            q2 += 4 * c;
+        }
+        for (int j = 0; j < 16; j++) {
+            float f = (float)a1[j] + (float)a2[j] * (1.0f / 254.0f);
+            if (zt) f -= zt[16 * q + j] * X[q];
+            acc[j] += f * st[16 * q + j];
+        }
+    }
+    for (int j = 0; j < 16; j++) y[j] = acc[j] * sx;
+#endif
+}
+
+QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, long g, const int8_t *q1,
+                              const int8_t *q2, const float *X, const float *sxs, const uint8_t *w,
+                              const float *st, const float *zt, float *y, int threads)
+{
+    const long G = K / g, KB = 4L * (8 / BITS), cpg = g / KB, block_bytes = 16 * K * BITS / 8;
+    float out[16];
+#pragma omp parallel for num_threads(threads) schedule(static) private(out)
+    for (long nb = 0; nb < N / 16; nb++)
+        for (int m = 0; m < M; m++) {
+            block_dot_i8(w + nb * block_bytes, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G,
+                         st + nb * G * 16, zt ? zt + nb * G * 16 : 0, G, cpg, BITS, sxs[m], out);
+            memcpy(y + (long)m * N + nb * 16, out, sizeof out);
+        }
+}
+
+/* y[M, N] = x[M, K] W^T for affine codes in the rows16 layout. x: fp32 [M, K]; st, zt: [N/16, K/g, 16]
+ * fp32 scales and zeros (zt NULL: none); work: 2*M*K bytes + M*(K/g + 1) floats of scratch.
+ * Returns 0, or -1 when the shapes do not fit the layout. */
+int qlab_gemv_i8(int M, long N, long K, int bits, long g, const float *x, const uint8_t *w,
+                 const float *st, const float *zt, float *y, void *work, int threads)
+{
+    if (bits != 2 && bits != 4 && bits != 8) return -1;
+    const long KB = 4L * (8 / bits);
+    if (M < 1 || N < 16 || N % 16 || K < 1 || g < KB || K % g || g % KB) return -1;
+    const long G = K / g;
+    int8_t *q1 = (int8_t *)work, *q2 = q1 + (long)M * K;
+    float *X = (float *)(q2 + (long)M * K), *sxs = X + (long)M * G;
+    for (int m = 0; m < M; m++) sxs[m] = split_x(x + (long)m * K, K, g, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G);
+    if (bits == 2)
+        gemv_i8_rows(M, N, K, 2, g, q1, q2, X, sxs, w, st, zt, y, threads);
+    else if (bits == 4)
+        gemv_i8_rows(M, N, K, 4, g, q1, q2, X, sxs, w, st, zt, y, threads);
+    else
+        gemv_i8_rows(M, N, K, 8, g, q1, q2, X, sxs, w, st, zt, y, threads);
     return 0;
 }
 

@@ -35,11 +35,25 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CpuWeight", "load", "status", "build", "prepare", "fits", "gemv", "tiled_matmul", "kernel_bits"]
+__all__ = [
+    "CpuWeight",
+    "RowsWeight",
+    "load",
+    "status",
+    "build",
+    "prepare",
+    "prepare_rows16",
+    "fits",
+    "fits_rows16",
+    "gemv",
+    "gemv_int8dot",
+    "tiled_matmul",
+    "kernel_bits",
+]
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-ABI = 2  # must match QLAB_CPU_ABI in cpu.c
+ABI = 3  # must match QLAB_CPU_ABI in cpu.c
 #: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
 TILE_ROWS = 512
 
@@ -107,6 +121,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qlab_gemv.restype = ctypes.c_int
     lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.qlab_dequant_bf16.restype = ctypes.c_int
+    lib.qlab_gemv_i8.argtypes = [ctypes.c_int, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.qlab_gemv_i8.restype = ctypes.c_int
     return lib
 
 
@@ -126,14 +142,20 @@ def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
             return None
         try:
             _lib = _bind(build())
-            _status = "avx512-bf16" if _lib.qlab_cpu_avx512() else "portable C"
+            feats = [
+                f
+                for f, on in (("avx512-bf16", _lib.qlab_cpu_avx512()), ("avx512-vnni", _lib.qlab_cpu_vnni()))
+                if on
+            ]
+            _status = ", ".join(feats) or "portable C"
         except (OSError, RuntimeError) as err:
             _status = f"unavailable: {err}"
         return _lib
 
 
 def status() -> str:
-    """How the CPU kernels stand: ``"avx512-bf16"``, ``"portable C"``, or why they are unavailable."""
+    """How the CPU kernels stand: the vector extensions compiled in (``"avx512-bf16, avx512-vnni"``),
+    ``"portable C"``, or why they are unavailable."""
     load()
     return _status
 
@@ -291,3 +313,113 @@ def tiled_matmul(
             )
         torch.mm(buf[: n1 - n0], xb.t(), out=yt[n0:n1])
     return yt.t()
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode with integer dot products (affine codes): the "rows16" layout
+# ------------------------------------------------------------------------------------------------
+def rows16_bits(bits: int, group_size: int) -> int | None:
+    """The code width the int8-dot kernel runs ``bits``-bit codes at, or None.
+
+    A chunk holds ``4 * 8 / b`` inputs and a group must be whole chunks.
+    """
+    widths = {8: (8,), 4: (4,), 2: (2, 4)}.get(bits, (4,) if bits < 4 else (8,))
+    return next((kb for kb in widths if group_size % (4 * 8 // kb) == 0), None)
+
+
+def fits_rows16(bits: int, group_size: int, in_features: int, out_features: int) -> bool:
+    """Whether an affine weight can run on :func:`gemv_int8dot` (rows in blocks of 16)."""
+    return (
+        1 <= bits <= 8
+        and out_features % 16 == 0
+        and in_features % group_size == 0
+        and rows16_bits(bits, group_size) is not None
+    )
+
+
+@dataclass
+class RowsWeight:
+    """An affine weight in the rows16 layout: ``codes [N/16, K/KB, 16, 4]`` (see ``cpu.c``).
+
+    ``scale_t`` and ``zero_t`` are fp32 ``[N/16, K/g, 16]``: the scales of 16 rows side by side.
+    """
+
+    codes: torch.Tensor
+    bits: int
+    group_size: int
+    n: int
+    k: int
+    scale_t: torch.Tensor
+    zero_t: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.codes, self.scale_t, self.zero_t) if t is not None)
+
+
+def prepare_rows16(
+    codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor, zero: torch.Tensor | None
+) -> RowsWeight:
+    """Lay out unsigned affine ``codes [N, K]`` and their scales/zeros for :func:`gemv_int8dot`.
+
+    Byte ``t`` of row ``j`` in a chunk holds, at bits ``[i b, (i+1) b)``, the code of input
+    ``k0 + 4 i + t``: masking slot ``i`` gives each 32-bit lane 4 consecutive inputs of its row.
+    """
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} of shape {list(codes.shape)}")
+    n, k = codes.shape
+    if not fits_rows16(bits, group_size, k, n):
+        raise ValueError(
+            f"a {bits}-bit [{n}, {k}] weight with group_size={group_size} does not fit the int8-dot "
+            "kernel (out_features must be a multiple of 16; see rows16_bits)"
+        )
+    kb = rows16_bits(bits, group_size)
+    assert kb is not None
+    c = 8 // kb
+    v = codes.reshape(n // 16, 16, k // (4 * c), c, 4).to(torch.int32).permute(0, 2, 1, 3, 4)
+    packed = torch.zeros(n // 16, k // (4 * c), 16, 4, dtype=torch.int32)
+    for i in range(c):
+        packed |= v[:, :, :, i, :] << (i * kb)
+    groups = k // group_size
+
+    def transposed(t: torch.Tensor) -> torch.Tensor:
+        t = t.float().expand(n, -1)
+        t = t.repeat_interleave(groups // t.shape[1], dim=1)
+        return t.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
+
+    return RowsWeight(
+        codes=packed.to(torch.uint8).contiguous(),
+        bits=kb,
+        group_size=group_size,
+        n=n,
+        k=k,
+        scale_t=transposed(scale),
+        zero_t=None if zero is None else transposed(zero),
+    )
+
+
+def gemv_int8dot(x: torch.Tensor, w: RowsWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``y = x Wᵀ`` (fp32 ``[M, N]``) for affine codes, with ``x`` split into two int8 planes per row.
+
+    ``x ≈ sx (q1 + q2 / 254)`` (``sx = max|x| / 127``; every element within ``sx / 508``) and
+    ``Σ u q`` sums exactly in int32 (``vpdpbusd``), so the only roundings are that split and the
+    final fp32 scaling. A row of ``x`` holding an inf or a nan gives a row of NaN.
+    """
+    lib = _require(lib)
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    m, g = x.shape[0], w.group_size
+    xf = x.float().contiguous()
+    work = torch.empty(2 * m * k + 4 * m * (k // g + 1), dtype=torch.uint8)
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.qlab_gemv_i8(
+        m, n, k, w.bits, g, _ptr(xf), _ptr(w.codes), _ptr(w.scale_t), _ptr(w.zero_t), _ptr(y), _ptr(work),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"qlab_gemv_i8 rejected M={m} N={n} K={k} bits={w.bits} g={g}")
+    return y

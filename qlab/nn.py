@@ -13,13 +13,15 @@ the storage a file or a GPU kernel sees; ``nbytes`` counts them.
 Forward dispatch lives in one function, :func:`select_path` (and :func:`_run` which executes it):
 
 * CUDA with triton: ``qlab.kernels.dequant_matmul`` (fused dequantize-matmul, never a float ``W``);
-* CPU, many rows of ``x`` (``>=`` :data:`CPU_TILED_MIN_ROWS`, prefill): ``cpu_tiled``, qlab's C
+* CPU, many rows of ``x`` (prefill: from :data:`CPU_INT8DOT_MAX_ROWS` rows for affine codes,
+  :data:`CPU_TILED_MIN_ROWS` for codebooks): ``cpu_tiled``, qlab's C
   kernel (:mod:`qlab.kernels.cpu`) dequantizes 512 rows of ``W`` at a time to bf16 into one
   cache-sized buffer and torch's bf16 GEMM (oneDNN, AMX tiles where the CPU has them) multiplies
   each block: the whole float ``W`` never exists;
-* CPU, few rows (decode): torch's int4 op (affine 1-4 bits) or int8 op (8 bits, one scale per
-  row) where they apply, else ``cpu_gemv``, qlab's C kernel that multiplies the packed codes with
-  bf16 ``x`` directly (codebooks through a 16-entry lookup; 8-bit groups with fp32 ``x``);
+* CPU, few rows (decode): qlab's C kernels read the packed codes directly, never a float ``W``:
+  ``cpu_int8dot`` for affine codes (``x`` split into two int8 planes, ``x ≈ sx (q1 + q2/254)``,
+  products summed exactly in int32 by ``vpdpbusd``, 16 output rows per vector), ``cpu_gemv`` for
+  codebooks (a 16-entry bf16 lookup times bf16 ``x``, ``vdpbf16ps``);
 * CPU without a C compiler (or ``QLAB_CPU_KERNELS=0``): torch's fused weight-only ops, with bf16
   activations and fp32 accumulation:
   - ``int4``: 1- to 4-bit affine codes (2-bit and 3-bit codes are valid 4-bit codes) through
@@ -65,10 +67,12 @@ from qlab.quantize import QuantizedTensor, QuantSpec, quantize
 Mode = Literal["weight", "fp8", "w8a8"]
 MODES: tuple[str, ...] = ("weight", "fp8", "w8a8")
 #: Every forward path :func:`select_path` can return.
-PATHS = ("reference", "triton", "cpu_tiled", "cpu_gemv", "int4", "int8", "int_mm", "fp8_bf16")
+PATHS = ("reference", "triton", "cpu_tiled", "cpu_int8dot", "cpu_gemv", "int4", "int8", "int_mm", "fp8_bf16")
 #: Rows of ``x`` from which CPU weight-only layers dequantize-in-tiles for a bf16 GEMM (measured
 #: crossover on a 2-core AVX-512/AMX machine, ``benchmarks/bench_linear.py``).
 CPU_TILED_MIN_ROWS = 8
+#: Rows of ``x`` below which affine layers take the int8-dot decode kernel instead (same benchmark).
+CPU_INT8DOT_MAX_ROWS = 12
 #: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
 FAST_PATH_RTOL = 1e-2
 #: Methods implemented here; the others go through :func:`qlab.methods.quantize_model_with`.
@@ -508,14 +512,15 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
         return "fp8_bf16"
     cpu = _cpu_kernels()
     if cpu is not None and cpu.fits(layer.spec.bits, layer.group_size, layer.in_features):
-        if x.numel() // layer.in_features >= CPU_TILED_MIN_ROWS:
+        rows = x.numel() // layer.in_features
+        if layer.spec.codebook is None and cpu.fits_rows16(
+            layer.spec.bits, layer.group_size, layer.in_features, layer.out_features
+        ):
+            return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
+        if rows >= CPU_TILED_MIN_ROWS:
             return "cpu_tiled"
-        # At decode torch's own ops are the faster kernels where they apply (measured): the int4
-        # op for affine 1-4 bits, the int8 op for 8-bit codes with one scale per row.
         if layer.spec.codebook is None and _int4_group(layer) is not None:
             return "int4"
-        if layer.spec.codebook is None and layer.spec.bits == 8 and layer.group_size == layer.in_features:
-            return "int8"
         return "cpu_gemv"
     if _int4_group(layer) is not None:
         return "int4"
@@ -532,6 +537,8 @@ def _run(layer: QuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
         if x2.shape[0] == 0:
             y2 = x2.new_zeros(0, layer.out_features)
+        elif path == "cpu_int8dot":
+            y2 = _cpu_kernels().gemv_int8dot(x2, _cpu_rows_weight(layer))
         elif path == "cpu_gemv":
             y2 = _cpu_kernels().gemv(x2, _cpu_weight(layer))
         elif path == "cpu_tiled":
@@ -603,6 +610,20 @@ def _cpu_weight(layer: QuantLinear) -> Any:
             unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
         )
         layer._cache["cpu"] = entry
+    return entry
+
+
+def _cpu_rows_weight(layer: QuantLinear) -> Any:
+    """The layer's affine weight in the int8-dot kernel's rows16 layout (built once, cached)."""
+    entry = layer._cache.get("cpu_rows16")
+    if entry is None:
+        bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
+        zero = layer.zero if layer.zero is not None else torch.full((1, 1), 2.0 ** (bits - 1))
+        scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
+        entry = _cpu_kernels().prepare_rows16(
+            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero
+        )
+        layer._cache["cpu_rows16"] = entry
     return entry
 
 

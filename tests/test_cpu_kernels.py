@@ -124,12 +124,65 @@ def test_per_tensor_and_per_channel_scales_broadcast():
         assert rel_err(cpu.gemv(x, w), ref) < 4e-3
 
 
+ROWS16_CASES = [(8, 4), (8, 256), (4, 8), (4, 128), (2, 16), (2, 64), (3, 32), (1, 64), (2, 8)]
+
+
+@pytest.mark.parametrize("bits,g", ROWS16_CASES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8dot_matches_torch(bits, g, m):
+    n, k = 48, 256
+    codes, scale, zero, _ = make(bits, n, k, g, seed=bits * 10 + g + m)
+    w = cpu.prepare_rows16(codes, bits, g, scale, zero)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    wref = reference_weight(codes, scale, zero, g).double()
+    y = cpu.gemv_int8dot(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert rel_err(y, x.double() @ wref.t()) < 2e-4
+    # with x replaced by its two-plane split sx (q1 + q2/254), the kernel is exact up to fp32 rounding
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    t = (x / sx).clamp(-127, 127)
+    q1 = torch.round(t)
+    q2 = torch.round((t - q1) * 254).clamp(-127, 127)
+    xhat = (sx * (q1 + q2 / 254)).double()
+    assert rel_err(y, xhat @ wref.t()) < 2e-6
+
+
+def test_int8dot_symmetric_codes_and_special_rows():
+    n, k, g = 32, 128, 32
+    codes, scale, _, _ = make(4, n, k, g)
+    w = cpu.prepare_rows16(codes, 4, g, scale, torch.full((1, 1), 8.0))
+    x = torch.randn(4, k)
+    x[1] = 0.0  # an all-zero row: sx = 0
+    x[2, 5] = float("inf")
+    x[3, 9] = float("nan")
+    y = cpu.gemv_int8dot(x, w)
+    ref = x[:1].double() @ reference_weight(codes, scale, torch.full((1, 1), 8.0), g).double().t()
+    assert rel_err(y[:1], ref) < 2e-4
+    assert torch.equal(y[1], torch.zeros(n))
+    assert bool(y[2:].isnan().all())
+
+
+def test_int8dot_bad_inputs():
+    codes, scale, zero, _ = make(4, 24, 64, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu.prepare_rows16(codes, 4, 32, scale, zero)
+    codes, scale, zero, _ = make(4, 32, 64, 32)
+    with pytest.raises(ValueError, match="codes must be a 2-D uint8"):
+        cpu.prepare_rows16(codes.float(), 4, 32, scale, zero)
+    w = cpu.prepare_rows16(codes, 4, 32, scale, zero)
+    with pytest.raises(ValueError, match=r"x must be a CPU tensor of shape \[M, 64\]"):
+        cpu.gemv_int8dot(torch.randn(3, 32), w)
+
+
 def test_kernel_bits_and_fits():
     assert cpu.kernel_bits(4, 32) == 4 and cpu.kernel_bits(4, 16) is None
     assert cpu.kernel_bits(2, 64) == 2 and cpu.kernel_bits(2, 32) == 4
     assert cpu.kernel_bits(3, 64) == 4 and cpu.kernel_bits(1, 128) == 4
     assert cpu.kernel_bits(8, 16) == 8 and cpu.kernel_bits(8, 8) is None
     assert cpu.fits(4, 64, 256) and not cpu.fits(4, 64, 250) and not cpu.fits(9, 64, 256)
+    assert cpu.rows16_bits(2, 16) == 2 and cpu.rows16_bits(2, 8) == 4 and cpu.rows16_bits(8, 4) == 8
+    assert cpu.rows16_bits(4, 4) is None and cpu.rows16_bits(3, 8) == 4
+    assert cpu.fits_rows16(4, 32, 256, 48) and not cpu.fits_rows16(4, 32, 256, 40)
 
 
 def test_bad_inputs_are_named():
@@ -152,7 +205,7 @@ def test_portable_build_matches_the_native_one(tmp_path):
     """The non-AVX-512 branch of cpu.c (what other CPUs run) computes the same results."""
     flags = tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in cpu.FLAGS)
     portable = cpu.load(cpu.build(tmp_path, flags))
-    assert portable.qlab_cpu_avx512() == 0
+    assert portable.qlab_cpu_avx512() == 0 and portable.qlab_cpu_vnni() == 0
     for bits, g in CASES:
         codes, scale, zero, _ = make(bits, 24, 256, g, seed=g)
         w = cpu.prepare(codes, bits, g, scale, zero)
@@ -165,6 +218,11 @@ def test_portable_build_matches_the_native_one(tmp_path):
     w = cpu.prepare(codes, 4, 64, scale, None, table)
     x = torch.randn(3, 256)
     assert rel_err(cpu.gemv(x, w, lib=portable), cpu.gemv(x, w)) < 1e-5
+    for bits, g in ROWS16_CASES:
+        codes, scale, zero, _ = make(bits, 32, 256, g, seed=g)
+        w = cpu.prepare_rows16(codes, bits, g, scale, zero)
+        x = torch.randn(3, 256)
+        assert rel_err(cpu.gemv_int8dot(x, w, lib=portable), cpu.gemv_int8dot(x, w)) < 1e-6
 
 
 def test_build_reports_compiler_errors(tmp_path, monkeypatch):
@@ -174,7 +232,7 @@ def test_build_reports_compiler_errors(tmp_path, monkeypatch):
 
 
 def test_status_names_the_build():
-    assert cpu.status() in ("avx512-bf16", "portable C")
+    assert cpu.status() in ("avx512-bf16, avx512-vnni", "avx512-bf16", "avx512-vnni", "portable C")
 
 
 def test_disabled_kernels_fall_back_to_torch_paths():

@@ -13,6 +13,7 @@ from torch import nn
 from qlab.codebooks import NF4_VALUES
 from qlab.config import QuantConfig
 from qlab.nn import (
+    CPU_INT8DOT_MAX_ROWS,
     CPU_TILED_MIN_ROWS,
     FAST_PATH_RTOL,
     QuantLinear,
@@ -31,15 +32,15 @@ K, N = 256, 64
 # config -> the CPU paths it must take: (decode, prefill) with qlab's C kernels, and the path
 # without them (no compiler). The dequantize-then-matmul reference is never the default.
 SETTINGS = {
-    "w8 per-channel": (QuantConfig("rtn", 8, None), ("int8", "cpu_tiled"), "int8"),
-    "w8 sym g64": (QuantConfig("rtn", 8, 64), ("cpu_gemv", "cpu_tiled"), "int8"),
-    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_gemv", "cpu_tiled"), "int8"),
-    "w4 g128": (QuantConfig("rtn", 4, 128), ("int4", "cpu_tiled"), "int4"),
-    "w4 g32": (QuantConfig("rtn", 4, 32), ("int4", "cpu_tiled"), "int4"),
-    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("int4", "cpu_tiled"), "int4"),
-    "w3 g64": (QuantConfig("rtn", 3, 64), ("int4", "cpu_tiled"), "int4"),
-    "w2 g64": (QuantConfig("rtn", 2, 64), ("int4", "cpu_tiled"), "int4"),
-    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("int4", "cpu_tiled"), "int4"),
+    "w8 per-channel": (QuantConfig("rtn", 8, None), ("cpu_int8dot", "cpu_tiled"), "int8"),
+    "w8 sym g64": (QuantConfig("rtn", 8, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
+    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_int8dot", "cpu_tiled"), "int8"),
+    "w4 g128": (QuantConfig("rtn", 4, 128), ("cpu_int8dot", "cpu_tiled"), "int4"),
+    "w4 g32": (QuantConfig("rtn", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int4"),
+    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
+    "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
+    "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
+    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
     "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_gemv", "cpu_tiled"), "int8"),
     "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_gemv", "cpu_tiled"), "int8"),
     "fp8": (QuantConfig("fp8", 8, None), ("fp8_bf16", "fp8_bf16"), "fp8_bf16"),
@@ -52,7 +53,8 @@ def expected_path(name: str, rows: int) -> str:
     _, with_kernels, without = SETTINGS[name]
     if not HAS_CPU_KERNELS:
         return without
-    return with_kernels[rows >= CPU_TILED_MIN_ROWS]
+    from_rows = CPU_INT8DOT_MAX_ROWS if with_kernels[0] == "cpu_int8dot" else CPU_TILED_MIN_ROWS
+    return with_kernels[rows >= from_rows]
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
