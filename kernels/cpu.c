@@ -28,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#define QLAB_CPU_ABI 3
+#define QLAB_CPU_ABI 4
 
 int qlab_cpu_abi(void) { return QLAB_CPU_ABI; }
 
@@ -224,7 +224,7 @@ int qlab_cpu_vnni(void) { return QLAB_VNNI; }
 
 /* Two int8 planes of one row of x and the per-group sums X; returns sx (0 for an all-zero row),
  * or NaN when the row holds an inf or a nan (its outputs are then NaN, as in float arithmetic). */
-static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, float *X)
+static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, float *X, int codebook)
 {
     float amax = 0.0f;
     int finite = 1;
@@ -251,20 +251,31 @@ static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, flo
             r2 = r2 > 127.0f ? 127.0f : r2 < -127.0f ? -127.0f : r2;
             q1[k] = (int8_t)r1;
             q2[k] = (int8_t)r2;
-            acc += r1 + r2 * (1.0f / 254.0f);
+            /* affine: X = sum(q1 + q2/254); codebook: the offset sum (see block_dot_i8) */
+            acc += codebook ? r1 + (r1 + r2) * (1.0f / 254.0f) : r1 + r2 * (1.0f / 254.0f);
         }
         X[q] = acc;
     }
     return sx;
 }
 
+/* Codebooks (4-bit, table T): 127 T[u] = L1[u] + L2[u]/254 to within 1/508, with byte levels stored
+ * offset by 128 (vpdpbusd wants unsigned bytes first): l = L + 128. Then, per group,
+ *     sum (L1 + L2/254)(q1 + q2/254) ~ [a1 + a2/254] - 128 X,   a1 = l1.q1,  a2 = l1.q2 + l2.q1,
+ * with X = Q1 + (Q1 + Q2)/254 (Q the group sums of q) and the L2 q2 / 254^2 term (< 2^-16) left out;
+ * st then holds s/127 and the zero is the constant 128. */
 QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *q2, const float *X,
-                              const float *st, const float *zt, long G, long cpg, const int BITS,
-                              float sx, float *y)
+                              const float *st, const float *zt, const uint8_t *levels, long G, long cpg,
+                              const int BITS, float sx, float *y)
 {
 #if QLAB_VNNI
     const int c = 8 / BITS;
     const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    __m512i lv1 = _mm512_setzero_si512(), lv2 = _mm512_setzero_si512();
+    if (levels) {
+        lv1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)levels));
+        lv2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(levels + 16)));
+    }
     __m512 acc = _mm512_setzero_ps();
     for (long q = 0; q < G; q++) {
         __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512();
@@ -279,7 +290,13 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
                 int32_t x1, x2;
                 memcpy(&x1, q1 + 4 * i, 4);
                 memcpy(&x2, q2 + 4 * i, 4);
-                if (i & 1) {
+                if (levels) {
+                    const __m512i l1 = _mm512_shuffle_epi8(lv1, u), l2 = _mm512_shuffle_epi8(lv2, u);
+                    const __m512i x1v = _mm512_set1_epi32(x1);
+                    a1 = _mm512_dpbusd_epi32(a1, l1, x1v);
+                    a2 = _mm512_dpbusd_epi32(a2, l1, _mm512_set1_epi32(x2));
+                    b2 = _mm512_dpbusd_epi32(b2, l2, x1v);
+                } else if (i & 1) {
                     b1 = _mm512_dpbusd_epi32(b1, u, _mm512_set1_epi32(x1));
                     b2 = _mm512_dpbusd_epi32(b2, u, _mm512_set1_epi32(x2));
                 } else {
@@ -293,7 +310,10 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
         a1 = _mm512_add_epi32(a1, b1);
         a2 = _mm512_add_epi32(a2, b2);
         __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1));
-        if (zt) f = _mm512_fnmadd_ps(_mm512_loadu_ps(zt + 16 * q), _mm512_set1_ps(X[q]), f);
+        if (levels)
+            f = _mm512_sub_ps(f, _mm512_set1_ps(128.0f * X[q]));
+        else if (zt)
+            f = _mm512_fnmadd_ps(_mm512_loadu_ps(zt + 16 * q), _mm512_set1_ps(X[q]), f);
         acc = _mm512_fmadd_ps(f, _mm512_loadu_ps(st + 16 * q), acc);
     }
     _mm512_storeu_ps(y, _mm512_mul_ps(acc, _mm512_set1_ps(sx)));
@@ -308,9 +328,14 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
                 for (int t = 0; t < 4; t++) {
                     const unsigned b = w[4 * j + t];
                     for (int i = 0; i < c; i++) {
-                        const int32_t u = (int32_t)((b >> (i * BITS)) & mask);
-                        a1[j] += u * q1[4 * i + t];
-                        a2[j] += u * q2[4 * i + t];
+                        const unsigned u = (b >> (i * BITS)) & mask;
+                        if (levels) {
+                            a1[j] += levels[u] * q1[4 * i + t];
+                            a2[j] += levels[u] * q2[4 * i + t] + levels[16 + u] * q1[4 * i + t];
+                        } else {
+                            a1[j] += (int32_t)u * q1[4 * i + t];
+                            a2[j] += (int32_t)u * q2[4 * i + t];
+                        }
                     }
                 }
             w += 64;
@@ -319,7 +344,10 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
         }
         for (int j = 0; j < 16; j++) {
             float f = (float)a1[j] + (float)a2[j] * (1.0f / 254.0f);
-            if (zt) f -= zt[16 * q + j] * X[q];
+            if (levels)
+                f -= 128.0f * X[q];
+            else if (zt)
+                f -= zt[16 * q + j] * X[q];
             acc[j] += f * st[16 * q + j];
         }
     }
@@ -329,7 +357,8 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
 
 QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, long g, const int8_t *q1,
                               const int8_t *q2, const float *X, const float *sxs, const uint8_t *w,
-                              const float *st, const float *zt, float *y, int threads)
+                              const float *st, const float *zt, const uint8_t *levels, float *y,
+                              int threads)
 {
     const long G = K / g, KB = 4L * (8 / BITS), cpg = g / KB, block_bytes = 16 * K * BITS / 8;
     float out[16];
@@ -337,30 +366,34 @@ QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, long g, con
     for (long nb = 0; nb < N / 16; nb++)
         for (int m = 0; m < M; m++) {
             block_dot_i8(w + nb * block_bytes, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G,
-                         st + nb * G * 16, zt ? zt + nb * G * 16 : 0, G, cpg, BITS, sxs[m], out);
+                         st + nb * G * 16, zt ? zt + nb * G * 16 : 0, levels, G, cpg, BITS, sxs[m], out);
             memcpy(y + (long)m * N + nb * 16, out, sizeof out);
         }
 }
 
-/* y[M, N] = x[M, K] W^T for affine codes in the rows16 layout. x: fp32 [M, K]; st, zt: [N/16, K/g, 16]
- * fp32 scales and zeros (zt NULL: none); work: 2*M*K bytes + M*(K/g + 1) floats of scratch.
+/* y[M, N] = x[M, K] W^T for codes in the rows16 layout. x: fp32 [M, K]; st, zt: [N/16, K/g, 16]
+ * fp32 scales and zeros (zt NULL: none); levels: NULL for affine codes, or 32 bytes (l1[16], l2[16])
+ * for a 4-bit codebook (st = s/127, zt unused); work: 2*M*K bytes + M*(K/g + 1) floats of scratch.
  * Returns 0, or -1 when the shapes do not fit the layout. */
 int qlab_gemv_i8(int M, long N, long K, int bits, long g, const float *x, const uint8_t *w,
-                 const float *st, const float *zt, float *y, void *work, int threads)
+                 const float *st, const float *zt, const uint8_t *levels, float *y, void *work,
+                 int threads)
 {
     if (bits != 2 && bits != 4 && bits != 8) return -1;
+    if (levels && bits != 4) return -1;
     const long KB = 4L * (8 / bits);
     if (M < 1 || N < 16 || N % 16 || K < 1 || g < KB || K % g || g % KB) return -1;
     const long G = K / g;
     int8_t *q1 = (int8_t *)work, *q2 = q1 + (long)M * K;
     float *X = (float *)(q2 + (long)M * K), *sxs = X + (long)M * G;
-    for (int m = 0; m < M; m++) sxs[m] = split_x(x + (long)m * K, K, g, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G);
+    for (int m = 0; m < M; m++)
+        sxs[m] = split_x(x + (long)m * K, K, g, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G, levels != 0);
     if (bits == 2)
-        gemv_i8_rows(M, N, K, 2, g, q1, q2, X, sxs, w, st, zt, y, threads);
+        gemv_i8_rows(M, N, K, 2, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
     else if (bits == 4)
-        gemv_i8_rows(M, N, K, 4, g, q1, q2, X, sxs, w, st, zt, y, threads);
+        gemv_i8_rows(M, N, K, 4, g, q1, q2, X, sxs, w, st, zt, levels, y, threads);
     else
-        gemv_i8_rows(M, N, K, 8, g, q1, q2, X, sxs, w, st, zt, y, threads);
+        gemv_i8_rows(M, N, K, 8, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
     return 0;
 }
 

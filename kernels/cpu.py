@@ -53,7 +53,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-ABI = 3  # must match QLAB_CPU_ABI in cpu.c
+ABI = 4  # must match QLAB_CPU_ABI in cpu.c
 #: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
 TILE_ROWS = 512
 
@@ -121,7 +121,21 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qlab_gemv.restype = ctypes.c_int
     lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.qlab_dequant_bf16.restype = ctypes.c_int
-    lib.qlab_gemv_i8.argtypes = [ctypes.c_int, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.qlab_gemv_i8.argtypes = [
+        ctypes.c_int,
+        _L,
+        _L,
+        ctypes.c_int,
+        _L,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+    ]
     lib.qlab_gemv_i8.restype = ctypes.c_int
     return lib
 
@@ -339,9 +353,11 @@ def fits_rows16(bits: int, group_size: int, in_features: int, out_features: int)
 
 @dataclass
 class RowsWeight:
-    """An affine weight in the rows16 layout: ``codes [N/16, K/KB, 16, 4]`` (see ``cpu.c``).
+    """A weight in the rows16 layout: ``codes [N/16, K/KB, 16, 4]`` (see ``cpu.c``).
 
     ``scale_t`` and ``zero_t`` are fp32 ``[N/16, K/g, 16]``: the scales of 16 rows side by side.
+    Codebooks carry ``levels`` (uint8 ``[32]``: ``L1 + 128`` and ``L2 + 128`` with
+    ``127 T ≈ L1 + L2 / 254``) and ``scale_t = s / 127``.
     """
 
     codes: torch.Tensor
@@ -351,19 +367,35 @@ class RowsWeight:
     k: int
     scale_t: torch.Tensor
     zero_t: torch.Tensor | None
+    levels: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.n, self.k
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.codes, self.scale_t, self.zero_t) if t is not None)
+        return tuple(t for t in (self.codes, self.scale_t, self.zero_t, self.levels) if t is not None)
+
+
+def codebook_levels(table: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[32]``: ``L1 + 128`` then ``L2 + 128``, with ``127 T ≈ L1 + L2 / 254`` (within 1/508)."""
+    t = table.double() * 127
+    if table.numel() != 16 or t.abs().max() > 127:
+        raise ValueError(f"table must hold 16 values in [-1, 1], got {table.numel()} values")
+    l1 = torch.round(t)
+    l2 = torch.round((t - l1) * 254).clamp(-127, 127)
+    return (torch.cat([l1, l2]) + 128).to(torch.uint8)
 
 
 def prepare_rows16(
-    codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor, zero: torch.Tensor | None
+    codes: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None = None,
 ) -> RowsWeight:
-    """Lay out unsigned affine ``codes [N, K]`` and their scales/zeros for :func:`gemv_int8dot`.
+    """Lay out unsigned ``codes [N, K]`` and their scales/zeros (or 4-bit codebook) for :func:`gemv_int8dot`.
 
     Byte ``t`` of row ``j`` in a chunk holds, at bits ``[i b, (i+1) b)``, the code of input
     ``k0 + 4 i + t``: masking slot ``i`` gives each 32-bit lane 4 consecutive inputs of its row.
@@ -376,6 +408,8 @@ def prepare_rows16(
             f"a {bits}-bit [{n}, {k}] weight with group_size={group_size} does not fit the int8-dot "
             "kernel (out_features must be a multiple of 16; see rows16_bits)"
         )
+    if table is not None and bits != 4:
+        raise ValueError(f"a codebook needs 4-bit codes, got bits={bits}")
     kb = rows16_bits(bits, group_size)
     assert kb is not None
     c = 8 // kb
@@ -396,13 +430,14 @@ def prepare_rows16(
         group_size=group_size,
         n=n,
         k=k,
-        scale_t=transposed(scale),
-        zero_t=None if zero is None else transposed(zero),
+        scale_t=transposed(scale) if table is None else transposed(scale) / 127,
+        zero_t=None if zero is None or table is not None else transposed(zero),
+        levels=None if table is None else codebook_levels(table),
     )
 
 
 def gemv_int8dot(x: torch.Tensor, w: RowsWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``y = x Wᵀ`` (fp32 ``[M, N]``) for affine codes, with ``x`` split into two int8 planes per row.
+    """``y = x Wᵀ`` (fp32 ``[M, N]``) for affine or codebook codes, ``x`` split into two int8 planes per row.
 
     ``x ≈ sx (q1 + q2 / 254)`` (``sx = max|x| / 127``; every element within ``sx / 508``) and
     ``Σ u q`` sums exactly in int32 (``vpdpbusd``), so the only roundings are that split and the
@@ -417,7 +452,8 @@ def gemv_int8dot(x: torch.Tensor, w: RowsWeight, lib: ctypes.CDLL | None = None)
     work = torch.empty(2 * m * k + 4 * m * (k // g + 1), dtype=torch.uint8)
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.qlab_gemv_i8(
-        m, n, k, w.bits, g, _ptr(xf), _ptr(w.codes), _ptr(w.scale_t), _ptr(w.zero_t), _ptr(y), _ptr(work),
+        m, n, k, w.bits, g, _ptr(xf), _ptr(w.codes), _ptr(w.scale_t), _ptr(w.zero_t), _ptr(w.levels), _ptr(y),
+        _ptr(work),
         torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

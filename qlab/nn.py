@@ -513,9 +513,7 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
     cpu = _cpu_kernels()
     if cpu is not None and cpu.fits(layer.spec.bits, layer.group_size, layer.in_features):
         rows = x.numel() // layer.in_features
-        if layer.spec.codebook is None and cpu.fits_rows16(
-            layer.spec.bits, layer.group_size, layer.in_features, layer.out_features
-        ):
+        if cpu.fits_rows16(layer.spec.bits, layer.group_size, layer.in_features, layer.out_features):
             return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
         if rows >= CPU_TILED_MIN_ROWS:
             return "cpu_tiled"
@@ -614,14 +612,16 @@ def _cpu_weight(layer: QuantLinear) -> Any:
 
 
 def _cpu_rows_weight(layer: QuantLinear) -> Any:
-    """The layer's affine weight in the int8-dot kernel's rows16 layout (built once, cached)."""
+    """The layer's weight in the int8-dot kernel's rows16 layout (built once, cached)."""
     entry = layer._cache.get("cpu_rows16")
     if entry is None:
         bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
-        zero = layer.zero if layer.zero is not None else torch.full((1, 1), 2.0 ** (bits - 1))
+        zero = layer.zero
+        if zero is None and layer.codebook is None:  # symmetric codes are stored offset by 2^(bits-1)
+            zero = torch.full((1, 1), 2.0 ** (bits - 1))
         scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
         entry = _cpu_kernels().prepare_rows16(
-            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero
+            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
         )
         layer._cache["cpu_rows16"] = entry
     return entry

@@ -147,6 +147,20 @@ def test_int8dot_matches_torch(bits, g, m):
     assert rel_err(y, xhat @ wref.t()) < 2e-6
 
 
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_int8dot_codebooks(name):
+    n, k, g = 32, 256, 64
+    codes, scale, _, table = make(4, n, k, g, codebook=name)
+    w = cpu.prepare_rows16(codes, 4, g, scale, None, table)
+    levels = w.levels.double() - 128
+    assert (127 * table.double() - (levels[:16] + levels[16:] / 254)).abs().max() <= 1 / 508 + 1e-12
+    x = torch.randn(3, k)
+    ref = x.double() @ reference_weight(codes, scale, None, g, table).double().t()
+    assert rel_err(cpu.gemv_int8dot(x, w), ref) < 2e-4
+    with pytest.raises(ValueError, match="a codebook needs 4-bit codes"):
+        cpu.prepare_rows16(codes.clamp(max=3), 2, g, scale, None, table)
+
+
 def test_int8dot_symmetric_codes_and_special_rows():
     n, k, g = 32, 128, 32
     codes, scale, _, _ = make(4, n, k, g)
@@ -223,6 +237,10 @@ def test_portable_build_matches_the_native_one(tmp_path):
         w = cpu.prepare_rows16(codes, bits, g, scale, zero)
         x = torch.randn(3, 256)
         assert rel_err(cpu.gemv_int8dot(x, w, lib=portable), cpu.gemv_int8dot(x, w)) < 1e-6
+    codes, scale, _, table = make(4, 32, 256, 64, codebook="nf4")
+    w = cpu.prepare_rows16(codes, 4, 64, scale, None, table)
+    x = torch.randn(3, 256)
+    assert rel_err(cpu.gemv_int8dot(x, w, lib=portable), cpu.gemv_int8dot(x, w)) < 1e-6
 
 
 def test_build_reports_compiler_errors(tmp_path, monkeypatch):

@@ -41,8 +41,8 @@ SETTINGS = {
     "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
     "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
     "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_gemv", "cpu_tiled"), "int8"),
-    "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_gemv", "cpu_tiled"), "int8"),
+    "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
+    "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int8"),
     "fp8": (QuantConfig("fp8", 8, None), ("fp8_bf16", "fp8_bf16"), "fp8_bf16"),
     "w8a8": (QuantConfig("w8a8", 8, None), ("int_mm", "int_mm"), "int_mm"),
 }
@@ -90,6 +90,22 @@ def test_fast_path_matches_reference(layers, name, dtype, shape):
         with use_path("reference"):
             ref = layer(x)
     assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    assert rel_err(y, ref) < FAST_PATH_RTOL
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="qlab's CPU kernels are not built here")
+@pytest.mark.parametrize("config", [QuantConfig("nf4", 4, 64), QuantConfig("rtn", 4, 64)])
+def test_rows_not_multiple_of_16_use_the_other_decode_kernels(config):
+    """40 output rows fill neither the int8-dot kernel's 16-row blocks nor torch's int4 op: the
+    bf16-dot kernel takes them, and still matches the reference."""
+    torch.manual_seed(3)
+    layer = QuantLinear.from_linear(nn.Linear(K, 40), config)
+    x = torch.randn(2, K)
+    assert select_path(layer, x) == "cpu_gemv"
+    with torch.inference_mode():
+        y = layer(x)
+        with use_path("reference"):
+            ref = layer(x)
     assert rel_err(y, ref) < FAST_PATH_RTOL
 
 
