@@ -103,40 +103,13 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.qlab_cpu_abi() != ABI:
         raise RuntimeError(f"{path} has ABI {lib.qlab_cpu_abi()}, expected {ABI}")
-    lib.qlab_gemv.argtypes = [
-        ctypes.c_int,
-        _L,
-        _L,
-        ctypes.c_int,
-        _L,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int,
-    ]
-    lib.qlab_gemv.restype = ctypes.c_int
-    lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int]
-    lib.qlab_dequant_bf16.restype = ctypes.c_int
-    lib.qlab_gemv_i8.argtypes = [
-        ctypes.c_int,
-        _L,
-        _L,
-        ctypes.c_int,
-        _L,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int,
-    ]
-    lib.qlab_gemv_i8.restype = ctypes.c_int
+    i32 = ctypes.c_int
+    # (M, N, K, bits, g, then pointers, threads); see the C signatures
+    lib.qlab_gemv.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
+    lib.qlab_gemv_i8.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
+    lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, i32, _L] + [_P] * 5 + [i32]
+    for fn in (lib.qlab_gemv, lib.qlab_gemv_i8, lib.qlab_dequant_bf16):
+        fn.restype = i32
     return lib
 
 
@@ -272,6 +245,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_x(x: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        got = f"{list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {got}")
+
+
 def _require(lib: ctypes.CDLL | None) -> ctypes.CDLL:
     lib = lib or load()
     if lib is None:
@@ -283,8 +262,7 @@ def gemv(x: torch.Tensor, w: CpuWeight, lib: ctypes.CDLL | None = None) -> torch
     """``y = x Wᵀ`` (fp32 ``[M, N]``) for ``x [M, K]`` on the CPU: the decode kernel."""
     lib = _require(lib)
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    _check_x(x, k)
     m, g = x.shape[0], w.group_size
     xf = x.float()
     xk = xf.contiguous() if w.bits == 8 else x.to(torch.bfloat16).contiguous()
@@ -306,8 +284,7 @@ def tiled_matmul(
     """``y = x Wᵀ`` (bf16 ``[M, N]``, fp32 accumulation inside the GEMM), ``rows`` rows of ``W`` at a time."""
     lib = _require(lib)
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    _check_x(x, k)
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive integer, got {rows!r}")
     xb = x.to(torch.bfloat16).contiguous()
@@ -445,8 +422,7 @@ def gemv_int8dot(x: torch.Tensor, w: RowsWeight, lib: ctypes.CDLL | None = None)
     """
     lib = _require(lib)
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {list(x.shape)} on {x.device}")
+    _check_x(x, k)
     m, g = x.shape[0], w.group_size
     xf = x.float().contiguous()
     work = torch.empty(2 * m * k + 4 * m * (k // g + 1), dtype=torch.uint8)

@@ -536,7 +536,7 @@ def _run(layer: QuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
         if x2.shape[0] == 0:
             y2 = x2.new_zeros(0, layer.out_features)
         elif path == "cpu_int8dot":
-            y2 = _cpu_kernels().gemv_int8dot(x2, _cpu_rows_weight(layer))
+            y2 = _cpu_kernels().gemv_int8dot(x2, _cpu_weight(layer, "rows16"))
         elif path == "cpu_gemv":
             y2 = _cpu_kernels().gemv(x2, _cpu_weight(layer))
         elif path == "cpu_tiled":
@@ -595,35 +595,24 @@ def _w8a8_forward(layer: QuantLinear, x2: torch.Tensor, exact_int: bool) -> torc
     return acc * sx * sw
 
 
-def _cpu_weight(layer: QuantLinear) -> Any:
-    """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once, cached on the layer)."""
-    entry = layer._cache.get("cpu")
+def _cpu_weight(layer: QuantLinear, layout: Literal["blocks", "rows16"] = "blocks") -> Any:
+    """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once per layout, cached).
+
+    ``"blocks"``: :func:`~qlab.kernels.cpu.prepare` (tiles, bf16-dot decode); ``"rows16"``:
+    :func:`~qlab.kernels.cpu.prepare_rows16` (int8-dot decode).
+    """
+    key = f"cpu_{layout}"
+    entry = layer._cache.get(key)
     if entry is None:
         bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
         zero = layer.zero
         if zero is None and layer.codebook is None:  # symmetric codes are stored offset by 2^(bits-1)
             zero = torch.full((1, 1), 2.0 ** (bits - 1))
         scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
-        entry = _cpu_kernels().prepare(
-            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
-        )
-        layer._cache["cpu"] = entry
-    return entry
-
-
-def _cpu_rows_weight(layer: QuantLinear) -> Any:
-    """The layer's weight in the int8-dot kernel's rows16 layout (built once, cached)."""
-    entry = layer._cache.get("cpu_rows16")
-    if entry is None:
-        bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
-        zero = layer.zero
-        if zero is None and layer.codebook is None:  # symmetric codes are stored offset by 2^(bits-1)
-            zero = torch.full((1, 1), 2.0 ** (bits - 1))
-        scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
-        entry = _cpu_kernels().prepare_rows16(
-            unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
-        )
-        layer._cache["cpu_rows16"] = entry
+        cpu = _cpu_kernels()
+        prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
+        entry = prepare(unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook)
+        layer._cache[key] = entry
     return entry
 
 
