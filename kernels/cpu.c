@@ -252,7 +252,8 @@ static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, flo
             q1[k] = (int8_t)r1;
             q2[k] = (int8_t)r2;
             /* affine: X = sum(q1 + q2/254); codebook: the offset sum (see block_dot_i8) */
-            acc += codebook ? r1 + (r1 + r2) * (1.0f / 254.0f) : r1 + r2 * (1.0f / 254.0f);
+            acc += codebook ? r1 + (r1 + r2) * (1.0f / 254.0f) + r2 * (1.0f / (254.0f * 254.0f))
+                            : r1 + r2 * (1.0f / 254.0f);
         }
         X[q] = acc;
     }
@@ -261,9 +262,9 @@ static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, flo
 
 /* Codebooks (4-bit, table T): 127 T[u] = L1[u] + L2[u]/254 to within 1/508, with byte levels stored
  * offset by 128 (vpdpbusd wants unsigned bytes first): l = L + 128. Then, per group,
- *     sum (L1 + L2/254)(q1 + q2/254) ~ [a1 + a2/254] - 128 X,   a1 = l1.q1,  a2 = l1.q2 + l2.q1,
- * with X = Q1 + (Q1 + Q2)/254 (Q the group sums of q) and the L2 q2 / 254^2 term (< 2^-16) left out;
- * st then holds s/127 and the zero is the constant 128. */
+ *     sum (L1 + L2/254)(q1 + q2/254) = [a1 + a2/254 + a3/254^2] - 128 X,
+ *     a1 = l1.q1,  a2 = l1.q2 + l2.q1,  a3 = l2.q2,  X = Q1 + (Q1 + Q2)/254 + Q2/254^2
+ * (Q the group sums of q); st then holds s/127 and the zero is the constant 128. */
 QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *q2, const float *X,
                               const float *st, const float *zt, const uint8_t *levels, long G, long cpg,
                               const int BITS, float sx, float *y)
@@ -296,6 +297,7 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
                     a1 = _mm512_dpbusd_epi32(a1, l1, x1v);
                     a2 = _mm512_dpbusd_epi32(a2, l1, _mm512_set1_epi32(x2));
                     b2 = _mm512_dpbusd_epi32(b2, l2, x1v);
+                    b1 = _mm512_dpbusd_epi32(b1, l2, _mm512_set1_epi32(x2));
                 } else if (i & 1) {
                     b1 = _mm512_dpbusd_epi32(b1, u, _mm512_set1_epi32(x1));
                     b2 = _mm512_dpbusd_epi32(b2, u, _mm512_set1_epi32(x2));
@@ -307,13 +309,17 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
             q1 += 4 * c;
             q2 += 4 * c;
         }
-        a1 = _mm512_add_epi32(a1, b1);
-        a2 = _mm512_add_epi32(a2, b2);
-        __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1));
-        if (levels)
+        __m512 f;
+        if (levels) { /* b1 holds a3 = l2.q2 */
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b1), _mm512_set1_ps(1.0f / (254.0f * 254.0f)), _mm512_cvtepi32_ps(a1));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a2, b2)), _mm512_set1_ps(1.0f / 254.0f), f);
             f = _mm512_sub_ps(f, _mm512_set1_ps(128.0f * X[q]));
-        else if (zt)
-            f = _mm512_fnmadd_ps(_mm512_loadu_ps(zt + 16 * q), _mm512_set1_ps(X[q]), f);
+        } else {
+            a1 = _mm512_add_epi32(a1, b1);
+            a2 = _mm512_add_epi32(a2, b2);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1));
+        }
+        if (!levels && zt) f = _mm512_fnmadd_ps(_mm512_loadu_ps(zt + 16 * q), _mm512_set1_ps(X[q]), f);
         acc = _mm512_fmadd_ps(f, _mm512_loadu_ps(st + 16 * q), acc);
     }
     _mm512_storeu_ps(y, _mm512_mul_ps(acc, _mm512_set1_ps(sx)));
@@ -322,7 +328,7 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
     const unsigned mask = (1u << BITS) - 1u;
     float acc[16] = {0};
     for (long q = 0; q < G; q++) {
-        int32_t a1[16] = {0}, a2[16] = {0};
+        int32_t a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
         for (long ch = 0; ch < cpg; ch++) {
             for (int j = 0; j < 16; j++)
                 for (int t = 0; t < 4; t++) {
@@ -332,6 +338,7 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
                         if (levels) {
                             a1[j] += levels[u] * q1[4 * i + t];
                             a2[j] += levels[u] * q2[4 * i + t] + levels[16 + u] * q1[4 * i + t];
+                            a3[j] += levels[16 + u] * q2[4 * i + t];
                         } else {
                             a1[j] += (int32_t)u * q1[4 * i + t];
                             a2[j] += (int32_t)u * q2[4 * i + t];
@@ -343,7 +350,7 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
             q2 += 4 * c;
         }
         for (int j = 0; j < 16; j++) {
-            float f = (float)a1[j] + (float)a2[j] * (1.0f / 254.0f);
+            float f = (float)a1[j] + (float)a3[j] * (1.0f / (254.0f * 254.0f)) + (float)a2[j] * (1.0f / 254.0f);
             if (levels)
                 f -= 128.0f * X[q];
             else if (zt)

@@ -121,6 +121,8 @@ def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
     global _lib, _status
     if path is not None:
         return _bind(Path(path))
+    if _lib is not None:
+        return _lib
     with _lock:
         if _lib is not None or _status != "not loaded yet":
             return _lib

@@ -510,10 +510,19 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
         return "int_mm"
     if layer.mode == "fp8":
         return "fp8_bf16"
-    cpu = _cpu_kernels()
-    if cpu is not None and cpu.fits(layer.spec.bits, layer.group_size, layer.in_features):
+    fit = layer._cache.get("cpu_fit")  # (tiles, int8-dot): fixed by the spec and shape; decided once
+    if fit is None:
+        cpu = _cpu_kernels()
+        bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
+        fit = (
+            (False, False)
+            if cpu is None
+            else (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
+        )
+        layer._cache["cpu_fit"] = fit
+    if fit[0]:
         rows = x.numel() // layer.in_features
-        if cpu.fits_rows16(layer.spec.bits, layer.group_size, layer.in_features, layer.out_features):
+        if fit[1]:
             return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
         if rows >= CPU_TILED_MIN_ROWS:
             return "cpu_tiled"
