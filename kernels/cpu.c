@@ -28,9 +28,17 @@
 #include <immintrin.h>
 #endif
 
-#define QLAB_CPU_ABI 4
+#define QLAB_CPU_ABI 5
 
 int qlab_cpu_abi(void) { return QLAB_CPU_ABI; }
+
+static inline float bf16_to_float(uint16_t h)
+{
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 int qlab_cpu_avx512(void)
 {
@@ -102,13 +110,6 @@ QLAB_INLINE void row_dot(const uint8_t *w, const void *xv, long K, const float *
 }
 #else
 #define QLAB_BF16_DOT 0
-static inline float bf16_to_float(uint16_t h)
-{
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* The same products lane by lane: bf16 x times the bf16 lookup of each code (fp32 x times the
  * code for 8 bits), fp32 sums. */
@@ -481,5 +482,100 @@ int qlab_dequant_bf16(long n0, long n1, long K, int bits, long g, const uint8_t 
     for (long n = n0; n < n1; n++)
         dequant_row(w + n * row_bytes, scale + n * G, zero ? zero + n * G : 0, G, g / B, bits, table,
                     out + (n - n0) * K);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * FP8 e4m3 weights (one scale per row): W[n,k] = s[n] * e4m3(w[n,k]), codes in their natural order.
+ *
+ * Every e4m3 value is exactly a bf16 value: sign, exponent + 120 (bias 7 -> 127), mantissa << 4;
+ * the subnormals (exponent 0: m * 2^-9) come from an 8-entry table. Decode multiplies bf16 x by
+ * the widened codes with vdpbf16ps (fp32 sums) and scales the row once; prefill writes bf16 tiles
+ * of s * e4m3 for the caller's GEMM, as for integer codes. The bit pattern 0x7F (nan) never occurs
+ * in qlab's fp8 weights (quantization saturates to 448).
+ * ------------------------------------------------------------------------------------------- */
+static inline uint16_t e4m3_to_bf16(uint8_t b)
+{
+    const unsigned mag = b & 0x7Fu, sign = (unsigned)(b & 0x80u) << 8;
+    if (mag >= 8) return (uint16_t)(sign | ((mag << 4) + 0x3C00u));
+    /* subnormal: m * 2^-9, exact in bf16 */
+    static const uint16_t sub[8] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+    return (uint16_t)(sign | sub[mag]);
+}
+
+#if QLAB_BF16_DOT
+/* 32 e4m3 bytes -> 32 bf16 lanes. */
+static inline __m512i e4m3x32_to_bf16(const uint8_t *w)
+{
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)w));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(0x3C00));
+    const __m512i subtab = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                            0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
+    const __mmask32 is_sub = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+    const __m512i val = _mm512_mask_permutexvar_epi16(normal, is_sub, mag, subtab);
+    return _mm512_or_si512(val, _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8));
+}
+#endif
+
+/* y[M, N] = x[M, K] W^T. x: bf16 [M, K]; w: e4m3 bytes [N, K]; scale: fp32 [N]. K % 32 == 0. */
+int qlab_fp8_gemv(int M, long N, long K, const uint16_t *x, const uint8_t *w, const float *scale, float *y,
+                  int threads)
+{
+    if (M < 1 || N < 1 || K < 32 || K % 32) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * K;
+        for (int m = 0; m < M; m++) {
+            const uint16_t *xm = x + (long)m * K;
+#if QLAB_BF16_DOT
+            __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+            for (long k = 0; k < K; k += 64) {
+                p0 = _mm512_dpbf16_ps(p0, (__m512bh)e4m3x32_to_bf16(wr + k), (__m512bh)_mm512_loadu_si512(xm + k));
+                if (k + 32 < K)
+                    p1 = _mm512_dpbf16_ps(p1, (__m512bh)e4m3x32_to_bf16(wr + k + 32),
+                                          (__m512bh)_mm512_loadu_si512(xm + k + 32));
+            }
+            const float t = _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+#else
+            float t = 0.0f;
+            for (long k = 0; k < K; k++) t += bf16_to_float(e4m3_to_bf16(wr[k])) * bf16_to_float(xm[k]);
+#endif
+            y[(long)m * N + n] = scale[n] * t;
+        }
+    }
+    return 0;
+}
+
+/* out[n1 - n0, K] = bf16(scale[n] * e4m3(w[n, :])) for n in [n0, n1). K % 32 == 0. */
+int qlab_fp8_dequant_bf16(long n0, long n1, long K, const uint8_t *w, const float *scale, uint16_t *out,
+                          int threads)
+{
+    if (n0 < 0 || n1 <= n0 || K < 32 || K % 32) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * K;
+        uint16_t *o = out + (n - n0) * K;
+#ifdef __AVX512F__
+#if QLAB_BF16_DOT
+        const __m512 sv = _mm512_set1_ps(scale[n]);
+        for (long k = 0; k < K; k += 32) {
+            const __m512i b = e4m3x32_to_bf16(wr + k);
+            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(b)), 16));
+            const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(b, 1)), 16));
+            store_bf16(o + k, _mm512_mul_ps(sv, lo));
+            store_bf16(o + k + 16, _mm512_mul_ps(sv, hi));
+        }
+        continue;
+#endif
+#endif
+        for (long k = 0; k < K; k++) {
+            const float v = scale[n] * bf16_to_float(e4m3_to_bf16(wr[k]));
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            u += 0x7FFFu + ((u >> 16) & 1u);
+            o[k] = (uint16_t)(u >> 16);
+        }
+    }
     return 0;
 }

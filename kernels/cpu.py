@@ -37,12 +37,15 @@ import torch
 
 __all__ = [
     "CpuWeight",
+    "Fp8Weight",
     "RowsWeight",
     "load",
     "status",
     "build",
     "prepare",
     "prepare_rows16",
+    "prepare_fp8",
+    "fits_fp8",
     "fits",
     "fits_rows16",
     "gemv",
@@ -53,7 +56,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-ABI = 4  # must match QLAB_CPU_ABI in cpu.c
+ABI = 5  # must match QLAB_CPU_ABI in cpu.c
 #: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
 TILE_ROWS = 512
 
@@ -108,7 +111,15 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qlab_gemv.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
     lib.qlab_gemv_i8.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
     lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, i32, _L] + [_P] * 5 + [i32]
-    for fn in (lib.qlab_gemv, lib.qlab_gemv_i8, lib.qlab_dequant_bf16):
+    lib.qlab_fp8_gemv.argtypes = [i32, _L, _L] + [_P] * 4 + [i32]
+    lib.qlab_fp8_dequant_bf16.argtypes = [_L, _L, _L] + [_P] * 3 + [i32]
+    for fn in (
+        lib.qlab_gemv,
+        lib.qlab_gemv_i8,
+        lib.qlab_dequant_bf16,
+        lib.qlab_fp8_gemv,
+        lib.qlab_fp8_dequant_bf16,
+    ):
         fn.restype = i32
     return lib
 
@@ -243,6 +254,40 @@ def prepare(
     )
 
 
+@dataclass
+class Fp8Weight:
+    """An FP8 e4m3 weight for the kernels: its bytes ``codes [N, K]`` (in order) and fp32 ``scale [N]``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.codes, self.scale)
+
+
+def fits_fp8(in_features: int) -> bool:
+    """Whether an FP8 weight with this many inputs runs on the kernels (32 codes per vector)."""
+    return in_features >= 32 and in_features % 32 == 0
+
+
+def prepare_fp8(weight: torch.Tensor, scale: torch.Tensor) -> Fp8Weight:
+    """Wrap a float8_e4m3fn ``weight [N, K]`` and its row scales ``[N]`` / ``[N, 1]``: ``W = s * weight``."""
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise ValueError(
+            f"weight must be a 2-D float8_e4m3fn tensor, got {weight.dtype} of shape {list(weight.shape)}"
+        )
+    n, k = weight.shape
+    if not fits_fp8(k):
+        raise ValueError(f"in_features must be a positive multiple of 32 for the FP8 kernels, got {k}")
+    if scale.numel() != n:
+        raise ValueError(f"scale must hold one value per row ({n}), got shape {list(scale.shape)}")
+    return Fp8Weight(weight.contiguous().view(torch.uint8), scale.float().reshape(n).contiguous())
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -260,11 +305,20 @@ def _require(lib: ctypes.CDLL | None) -> ctypes.CDLL:
     return lib
 
 
-def gemv(x: torch.Tensor, w: CpuWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``y = x Wᵀ`` (fp32 ``[M, N]``) for ``x [M, K]`` on the CPU: the decode kernel."""
+def gemv(x: torch.Tensor, w: CpuWeight | Fp8Weight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``y = x Wᵀ`` (fp32 ``[M, N]``) for ``x [M, K]`` on the CPU: the bf16-dot decode kernel."""
     lib = _require(lib)
     n, k = w.shape
     _check_x(x, k)
+    if isinstance(w, Fp8Weight):
+        xb = x.to(torch.bfloat16).contiguous()
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        rc = lib.qlab_fp8_gemv(
+            x.shape[0], n, k, _ptr(xb), _ptr(w.codes), _ptr(w.scale), _ptr(y), torch.get_num_threads()
+        )
+        if rc != 0:
+            raise RuntimeError(f"qlab_fp8_gemv rejected M={x.shape[0]} N={n} K={k}")
+        return y
     m, g = x.shape[0], w.group_size
     xf = x.float()
     xk = xf.contiguous() if w.bits == 8 else x.to(torch.bfloat16).contiguous()
@@ -281,7 +335,7 @@ def gemv(x: torch.Tensor, w: CpuWeight, lib: ctypes.CDLL | None = None) -> torch
 
 
 def tiled_matmul(
-    x: torch.Tensor, w: CpuWeight, rows: int = TILE_ROWS, lib: ctypes.CDLL | None = None
+    x: torch.Tensor, w: CpuWeight | Fp8Weight, rows: int = TILE_ROWS, lib: ctypes.CDLL | None = None
 ) -> torch.Tensor:
     """``y = x Wᵀ`` (bf16 ``[M, N]``, fp32 accumulation inside the GEMM), ``rows`` rows of ``W`` at a time."""
     lib = _require(lib)
@@ -296,14 +350,15 @@ def tiled_matmul(
     threads = torch.get_num_threads()
     for n0 in range(0, n, rows):
         n1 = min(n0 + rows, n)
-        rc = lib.qlab_dequant_bf16(
-            n0, n1, k, w.bits, w.group_size, _ptr(w.codes), _ptr(w.scale), _ptr(w.zero), _ptr(w.table),
-            _ptr(buf), threads,
-        )  # fmt: skip
+        if isinstance(w, Fp8Weight):
+            rc = lib.qlab_fp8_dequant_bf16(n0, n1, k, _ptr(w.codes), _ptr(w.scale), _ptr(buf), threads)
+        else:
+            rc = lib.qlab_dequant_bf16(
+                n0, n1, k, w.bits, w.group_size, _ptr(w.codes), _ptr(w.scale), _ptr(w.zero), _ptr(w.table),
+                _ptr(buf), threads,
+            )  # fmt: skip
         if rc != 0:
-            raise RuntimeError(
-                f"qlab_dequant_bf16 rejected shapes N={n} K={k} bits={w.bits} g={w.group_size}"
-            )
+            raise RuntimeError(f"the CPU dequantize kernel rejected N={n} K={k} for {type(w).__name__}")
         torch.mm(buf[: n1 - n0], xb.t(), out=yt[n0:n1])
     return yt.t()
 

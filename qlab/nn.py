@@ -33,7 +33,8 @@ Forward dispatch lives in one function, :func:`select_path` (and :func:`_run` wh
     rounded to ``round(127 t)/127`` (at most ``absmax/254`` per weight, 15x below NF4's own
     rounding error);
   - ``int_mm``: W8A8 as a true int8 x int8 -> int32 product (``torch._int_mm``);
-  - ``fp8_bf16``: FP8 weights widened to bf16 (exact: e4m3 is a subset of bf16) and scaled;
+  - ``fp8_bf16``: FP8 weights widened to bf16 (exact: e4m3 is a subset of bf16) and scaled (with
+    the C kernels, FP8 layers take ``cpu_gemv`` / ``cpu_tiled`` instead, decoding e4m3 in registers);
 * otherwise (or inside :func:`use_path` ``("reference")``, or when ``x`` needs a gradient): the
   reference path, dequantize to fp32 then ``F.linear``.
 
@@ -508,17 +509,16 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
         return "reference"
     if layer.mode == "w8a8":
         return "int_mm"
-    if layer.mode == "fp8":
-        return "fp8_bf16"
     fit = layer._cache.get("cpu_fit")  # (tiles, int8-dot): fixed by the spec and shape; decided once
     if fit is None:
         cpu = _cpu_kernels()
         bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
-        fit = (
-            (False, False)
-            if cpu is None
-            else (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
-        )
+        if cpu is None:
+            fit = (False, False)
+        elif layer.mode == "fp8":
+            fit = (cpu.fits_fp8(k), False)
+        else:
+            fit = (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
         layer._cache["cpu_fit"] = fit
     if fit[0]:
         rows = x.numel() // layer.in_features
@@ -526,9 +526,11 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
             return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
         if rows >= CPU_TILED_MIN_ROWS:
             return "cpu_tiled"
-        if layer.spec.codebook is None and _int4_group(layer) is not None:
+        if layer.mode == "weight" and layer.spec.codebook is None and _int4_group(layer) is not None:
             return "int4"
         return "cpu_gemv"
+    if layer.mode == "fp8":
+        return "fp8_bf16"
     if _int4_group(layer) is not None:
         return "int4"
     return "int8"
@@ -608,7 +610,8 @@ def _cpu_weight(layer: QuantLinear, layout: Literal["blocks", "rows16"] = "block
     """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once per layout, cached).
 
     ``"blocks"``: :func:`~qlab.kernels.cpu.prepare` (tiles, bf16-dot decode); ``"rows16"``:
-    :func:`~qlab.kernels.cpu.prepare_rows16` (int8-dot decode).
+    :func:`~qlab.kernels.cpu.prepare_rows16` (int8-dot decode). FP8 layers have one layout,
+    :func:`~qlab.kernels.cpu.prepare_fp8` (their bytes, as stored).
     """
     key = f"cpu_{layout}"
     entry = layer._cache.get(key)
@@ -619,8 +622,13 @@ def _cpu_weight(layer: QuantLinear, layout: Literal["blocks", "rows16"] = "block
             zero = torch.full((1, 1), 2.0 ** (bits - 1))
         scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
         cpu = _cpu_kernels()
-        prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
-        entry = prepare(unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook)
+        if layer.mode == "fp8":
+            entry = cpu.prepare_fp8(layer.qweight, layer.scale)
+        else:
+            prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
+            entry = prepare(
+                unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
+            )
         layer._cache[key] = entry
     return entry
 

@@ -225,6 +225,31 @@ def test_int8dot_bad_inputs():
         cpu.gemv_int8dot(torch.randn(3, 32), w)
 
 
+def test_fp8_decode_is_exact_and_gemv_matches_torch():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[[0x7F, 0xFF]] = 0  # the two nan patterns never occur in quantized weights
+    w8 = codes.repeat(48, 1)[:, :256].contiguous().view(torch.float8_e4m3fn)  # every code, 48 rows
+    scale = torch.rand(48) + 0.5
+    w = cpu.prepare_fp8(w8, scale)
+    wref = w8.float() * scale[:, None]
+    # tiles: bf16(s * e4m3) equals torch's casts bit for bit (x = I makes y = Wᵀ exactly)
+    assert torch.equal(cpu.tiled_matmul(torch.eye(256), w, rows=20).t(), wref.to(torch.bfloat16))
+    x = torch.randn(5, 256)
+    xb = x.to(torch.bfloat16).double()
+    size = xb.abs() @ wref.double().abs().t()
+    assert bool(((cpu.gemv(x, w).double() - xb @ wref.double().t()).abs() <= 1e-5 * size + 1e-6).all())
+
+
+def test_fp8_bad_inputs():
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        cpu.prepare_fp8(torch.zeros(4, 64), torch.ones(4))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu.prepare_fp8(torch.zeros(4, 48).to(torch.float8_e4m3fn), torch.ones(4))
+    with pytest.raises(ValueError, match="one value per row"):
+        cpu.prepare_fp8(torch.zeros(4, 64).to(torch.float8_e4m3fn), torch.ones(3))
+    assert cpu.fits_fp8(64) and not cpu.fits_fp8(16) and not cpu.fits_fp8(80)
+
+
 def test_kernel_bits_and_fits():
     assert cpu.kernel_bits(4, 32) == 4 and cpu.kernel_bits(4, 16) is None
     assert cpu.kernel_bits(2, 64) == 2 and cpu.kernel_bits(2, 32) == 4
@@ -278,6 +303,10 @@ def test_portable_build_matches_the_native_one(tmp_path):
     w = cpu.prepare_rows16(codes, 4, 64, scale, None, table)
     x = torch.randn(3, 256)
     assert rel_err(cpu.gemv_int8dot(x, w, lib=portable), cpu.gemv_int8dot(x, w)) < 1e-6
+    w8 = torch.randn(32, 256).to(torch.float8_e4m3fn)
+    w = cpu.prepare_fp8(w8, torch.rand(32))
+    assert rel_err(cpu.gemv(x, w, lib=portable), cpu.gemv(x, w)) < 1e-5
+    assert torch.equal(cpu.tiled_matmul(x, w, lib=portable), cpu.tiled_matmul(x, w))
 
 
 def test_build_reports_compiler_errors(tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ SETTINGS = {
     "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
     "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
     "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "fp8": (QuantConfig("fp8", 8, None), ("fp8_bf16", "fp8_bf16"), "fp8_bf16"),
+    "fp8": (QuantConfig("fp8", 8, None), ("cpu_gemv", "cpu_tiled"), "fp8_bf16"),
     "w8a8": (QuantConfig("w8a8", 8, None), ("int_mm", "int_mm"), "int_mm"),
 }
 HAS_CPU_KERNELS = _cpu_kernels() is not None
