@@ -28,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#define QLAB_CPU_ABI 5
+#define QLAB_CPU_ABI 6
 
 int qlab_cpu_abi(void) { return QLAB_CPU_ABI; }
 
@@ -224,8 +224,10 @@ int qlab_gemv(int M, long N, long K, int bits, long g, const void *x, const floa
 int qlab_cpu_vnni(void) { return QLAB_VNNI; }
 
 /* Two int8 planes of one row of x and the per-group sums X; returns sx (0 for an all-zero row),
- * or NaN when the row holds an inf or a nan (its outputs are then NaN, as in float arithmetic). */
-static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, float *X, int codebook)
+ * or NaN when the row holds an inf or a nan (its outputs are then NaN, as in float arithmetic).
+ * With planes == 1, q2 = 0: plain per-token int8, q1 = round(x / sx) exactly as W8A8 defines it. */
+static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, float *X, int codebook,
+                     int planes)
 {
     float amax = 0.0f;
     int finite = 1;
@@ -241,14 +243,13 @@ static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, flo
         return __builtin_nanf("");
     }
     const float sx = amax / 127.0f;
-    const float inv = sx > 0 ? 1.0f / sx : 0.0f;
     for (long q = 0; q < K / g; q++) {
         float acc = 0.0f;
         for (long k = q * g; k < (q + 1) * g; k++) {
-            float t = x[k] * inv;
+            float t = sx > 0 ? x[k] / sx : 0.0f; /* a division, as torch's round(x / s) */
             t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
             const float r1 = __builtin_nearbyintf(t);
-            float r2 = __builtin_nearbyintf((t - r1) * 254.0f);
+            float r2 = planes == 2 ? __builtin_nearbyintf((t - r1) * 254.0f) : 0.0f;
             r2 = r2 > 127.0f ? 127.0f : r2 < -127.0f ? -127.0f : r2;
             q1[k] = (int8_t)r1;
             q2[k] = (int8_t)r2;
@@ -268,7 +269,7 @@ static float split_x(const float *x, long K, long g, int8_t *q1, int8_t *q2, flo
  * (Q the group sums of q); st then holds s/127 and the zero is the constant 128. */
 QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *q2, const float *X,
                               const float *st, const float *zt, const uint8_t *levels, long G, long cpg,
-                              const int BITS, float sx, float *y)
+                              const int BITS, const int PLANES, float sx, float *y)
 {
 #if QLAB_VNNI
     const int c = 8 / BITS;
@@ -301,10 +302,10 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
                     b1 = _mm512_dpbusd_epi32(b1, l2, _mm512_set1_epi32(x2));
                 } else if (i & 1) {
                     b1 = _mm512_dpbusd_epi32(b1, u, _mm512_set1_epi32(x1));
-                    b2 = _mm512_dpbusd_epi32(b2, u, _mm512_set1_epi32(x2));
+                    if (PLANES == 2) b2 = _mm512_dpbusd_epi32(b2, u, _mm512_set1_epi32(x2));
                 } else {
                     a1 = _mm512_dpbusd_epi32(a1, u, _mm512_set1_epi32(x1));
-                    a2 = _mm512_dpbusd_epi32(a2, u, _mm512_set1_epi32(x2));
+                    if (PLANES == 2) a2 = _mm512_dpbusd_epi32(a2, u, _mm512_set1_epi32(x2));
                 }
             }
             q1 += 4 * c;
@@ -325,6 +326,7 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
     }
     _mm512_storeu_ps(y, _mm512_mul_ps(acc, _mm512_set1_ps(sx)));
 #else
+    (void)PLANES; /* with one plane q2 is all zeros, so its products add nothing */
     const int c = 8 / BITS;
     const unsigned mask = (1u << BITS) - 1u;
     float acc[16] = {0};
@@ -363,10 +365,10 @@ QLAB_INLINE void block_dot_i8(const uint8_t *w, const int8_t *q1, const int8_t *
 #endif
 }
 
-QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, long g, const int8_t *q1,
-                              const int8_t *q2, const float *X, const float *sxs, const uint8_t *w,
-                              const float *st, const float *zt, const uint8_t *levels, float *y,
-                              int threads)
+QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, const int PLANES, long g,
+                              const int8_t *q1, const int8_t *q2, const float *X, const float *sxs,
+                              const uint8_t *w, const float *st, const float *zt, const uint8_t *levels,
+                              float *y, int threads)
 {
     const long G = K / g, KB = 4L * (8 / BITS), cpg = g / KB, block_bytes = 16 * K * BITS / 8;
     float out[16];
@@ -374,34 +376,40 @@ QLAB_INLINE void gemv_i8_rows(int M, long N, long K, const int BITS, long g, con
     for (long nb = 0; nb < N / 16; nb++)
         for (int m = 0; m < M; m++) {
             block_dot_i8(w + nb * block_bytes, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G,
-                         st + nb * G * 16, zt ? zt + nb * G * 16 : 0, levels, G, cpg, BITS, sxs[m], out);
+                         st + nb * G * 16, zt ? zt + nb * G * 16 : 0, levels, G, cpg, BITS, PLANES, sxs[m],
+                         out);
             memcpy(y + (long)m * N + nb * 16, out, sizeof out);
         }
 }
 
-/* y[M, N] = x[M, K] W^T for codes in the rows16 layout. x: fp32 [M, K]; st, zt: [N/16, K/g, 16]
+/* y[M, N] = x[M, K] W^T for codes in the rows16 layout (planes = 2), or W8A8's int8 x int8 product
+ * with x quantized per token to one int8 plane (planes = 1, 8-bit codes). x: fp32 [M, K]; st, zt: [N/16, K/g, 16]
  * fp32 scales and zeros (zt NULL: none); levels: NULL for affine codes, or 32 bytes (l1[16], l2[16])
  * for a 4-bit codebook (st = s/127, zt unused); work: 2*M*K bytes + M*(K/g + 1) floats of scratch.
  * Returns 0, or -1 when the shapes do not fit the layout. */
-int qlab_gemv_i8(int M, long N, long K, int bits, long g, const float *x, const uint8_t *w,
+int qlab_gemv_i8(int M, long N, long K, int bits, long g, int planes, const float *x, const uint8_t *w,
                  const float *st, const float *zt, const uint8_t *levels, float *y, void *work,
                  int threads)
 {
     if (bits != 2 && bits != 4 && bits != 8) return -1;
-    if (levels && bits != 4) return -1;
+    if ((levels && bits != 4) || (planes != 1 && planes != 2) || (planes == 1 && (bits != 8 || levels)))
+        return -1;
     const long KB = 4L * (8 / bits);
     if (M < 1 || N < 16 || N % 16 || K < 1 || g < KB || K % g || g % KB) return -1;
     const long G = K / g;
     int8_t *q1 = (int8_t *)work, *q2 = q1 + (long)M * K;
     float *X = (float *)(q2 + (long)M * K), *sxs = X + (long)M * G;
     for (int m = 0; m < M; m++)
-        sxs[m] = split_x(x + (long)m * K, K, g, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G, levels != 0);
+        sxs[m] = split_x(x + (long)m * K, K, g, q1 + (long)m * K, q2 + (long)m * K, X + (long)m * G, levels != 0,
+                         planes);
     if (bits == 2)
-        gemv_i8_rows(M, N, K, 2, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
+        gemv_i8_rows(M, N, K, 2, 2, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
     else if (bits == 4)
-        gemv_i8_rows(M, N, K, 4, g, q1, q2, X, sxs, w, st, zt, levels, y, threads);
+        gemv_i8_rows(M, N, K, 4, 2, g, q1, q2, X, sxs, w, st, zt, levels, y, threads);
+    else if (planes == 2)
+        gemv_i8_rows(M, N, K, 8, 2, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
     else
-        gemv_i8_rows(M, N, K, 8, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
+        gemv_i8_rows(M, N, K, 8, 1, g, q1, q2, X, sxs, w, st, zt, 0, y, threads);
     return 0;
 }
 

@@ -56,7 +56,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-ABI = 5  # must match QLAB_CPU_ABI in cpu.c
+ABI = 6  # must match QLAB_CPU_ABI in cpu.c
 #: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
 TILE_ROWS = 512
 
@@ -109,7 +109,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     i32 = ctypes.c_int
     # (M, N, K, bits, g, then pointers, threads); see the C signatures
     lib.qlab_gemv.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
-    lib.qlab_gemv_i8.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
+    lib.qlab_gemv_i8.argtypes = [i32, _L, _L, i32, _L, i32] + [_P] * 7 + [i32]
     lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, i32, _L] + [_P] * 5 + [i32]
     lib.qlab_fp8_gemv.argtypes = [i32, _L, _L] + [_P] * 4 + [i32]
     lib.qlab_fp8_dequant_bf16.argtypes = [_L, _L, _L] + [_P] * 3 + [i32]
@@ -470,24 +470,32 @@ def prepare_rows16(
     )
 
 
-def gemv_int8dot(x: torch.Tensor, w: RowsWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+def gemv_int8dot(
+    x: torch.Tensor, w: RowsWeight, planes: int = 2, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
     """``y = x Wᵀ`` (fp32 ``[M, N]``) for affine or codebook codes, ``x`` split into two int8 planes per row.
 
     ``x ≈ sx (q1 + q2 / 254)`` (``sx = max|x| / 127``; every element within ``sx / 508``) and
     ``Σ u q`` sums exactly in int32 (``vpdpbusd``), so the only roundings are that split and the
     final fp32 scaling. A row of ``x`` holding an inf or a nan gives a row of NaN.
+
+    ``planes=1`` (8-bit codes only) is W8A8: one plane, ``q1 = round(x / sx)``, the per-token int8
+    activations of :func:`qlab.nn.quantize_tokens_int8`, multiplied exactly with the int8 weights.
     """
     lib = _require(lib)
     n, k = w.shape
     _check_x(x, k)
+    if planes not in (1, 2) or (planes == 1 and (w.bits != 8 or w.levels is not None)):
+        raise ValueError(
+            f"planes must be 2, or 1 for 8-bit affine codes; got planes={planes!r}, bits={w.bits}"
+        )
     m, g = x.shape[0], w.group_size
     xf = x.float().contiguous()
     work = torch.empty(2 * m * k + 4 * m * (k // g + 1), dtype=torch.uint8)
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.qlab_gemv_i8(
-        m, n, k, w.bits, g, _ptr(xf), _ptr(w.codes), _ptr(w.scale_t), _ptr(w.zero_t), _ptr(w.levels), _ptr(y),
-        _ptr(work),
-        torch.get_num_threads(),
+        m, n, k, w.bits, g, planes, _ptr(xf), _ptr(w.codes), _ptr(w.scale_t), _ptr(w.zero_t), _ptr(w.levels),
+        _ptr(y), _ptr(work), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"qlab_gemv_i8 rejected M={m} N={n} K={k} bits={w.bits} g={g}")

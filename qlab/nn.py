@@ -32,7 +32,8 @@ Forward dispatch lives in one function, :func:`select_path` (and :func:`_run` wh
     Codebook tables are re-encoded as int8 levels: FP4 exactly (its values are ``k/12``), NF4
     rounded to ``round(127 t)/127`` (at most ``absmax/254`` per weight, 15x below NF4's own
     rounding error);
-  - ``int_mm``: W8A8 as a true int8 x int8 -> int32 product (``torch._int_mm``);
+  - ``int_mm``: W8A8 as a true int8 x int8 -> int32 product (``torch._int_mm``; at decode the
+    int8-dot kernel with one plane of ``x`` computes the same integers, faster);
   - ``fp8_bf16``: FP8 weights widened to bf16 (exact: e4m3 is a subset of bf16) and scaled (with
     the C kernels, FP8 layers take ``cpu_gemv`` / ``cpu_tiled`` instead, decoding e4m3 in registers);
 * otherwise (or inside :func:`use_path` ``("reference")``, or when ``x`` needs a gradient): the
@@ -74,6 +75,8 @@ PATHS = ("reference", "triton", "cpu_tiled", "cpu_int8dot", "cpu_gemv", "int4", 
 CPU_TILED_MIN_ROWS = 8
 #: Rows of ``x`` below which affine layers take the int8-dot decode kernel instead (same benchmark).
 CPU_INT8DOT_MAX_ROWS = 12
+#: The same for W8A8 layers, whose alternative is torch._int_mm (AMX int8), not bf16 tiles.
+CPU_W8A8_DOT_MAX_ROWS = 6
 #: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
 FAST_PATH_RTOL = 1e-2
 #: Methods implemented here; the others go through :func:`qlab.methods.quantize_model_with`.
@@ -493,6 +496,22 @@ def _int4_group(layer: QuantLinear) -> int | None:
     return g if g in INT4_OP_GROUPS else None
 
 
+def _cpu_fit(layer: QuantLinear) -> tuple[bool, bool]:
+    """(tiles, int8-dot): whether the layer fits the C kernels' layouts (fixed by spec and shape: cached)."""
+    fit = layer._cache.get("cpu_fit")
+    if fit is None:
+        cpu = _cpu_kernels()
+        bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
+        if cpu is None:
+            fit = (False, False)
+        elif layer.mode == "fp8":
+            fit = (cpu.fits_fp8(k), False)
+        else:
+            fit = (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
+        layer._cache["cpu_fit"] = fit
+    return fit
+
+
 def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
     """Which forward path ``layer`` takes for input ``x`` (one of :data:`PATHS`)."""
     if getattr(_state, "forced", None) == "reference":
@@ -507,21 +526,11 @@ def select_path(layer: QuantLinear, x: torch.Tensor) -> str:
         return "reference"
     if x.device.type != "cpu":
         return "reference"
-    if layer.mode == "w8a8":
-        return "int_mm"
-    fit = layer._cache.get("cpu_fit")  # (tiles, int8-dot): fixed by the spec and shape; decided once
-    if fit is None:
-        cpu = _cpu_kernels()
-        bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
-        if cpu is None:
-            fit = (False, False)
-        elif layer.mode == "fp8":
-            fit = (cpu.fits_fp8(k), False)
-        else:
-            fit = (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
-        layer._cache["cpu_fit"] = fit
+    fit = _cpu_fit(layer)
+    rows = x.numel() // layer.in_features
+    if layer.mode == "w8a8":  # one int8 plane of x: the same integers as torch._int_mm, faster at decode
+        return "cpu_int8dot" if fit[1] and rows < CPU_W8A8_DOT_MAX_ROWS else "int_mm"
     if fit[0]:
-        rows = x.numel() // layer.in_features
         if fit[1]:
             return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
         if rows >= CPU_TILED_MIN_ROWS:
@@ -547,7 +556,8 @@ def _run(layer: QuantLinear, x: torch.Tensor, path: str) -> torch.Tensor:
         if x2.shape[0] == 0:
             y2 = x2.new_zeros(0, layer.out_features)
         elif path == "cpu_int8dot":
-            y2 = _cpu_kernels().gemv_int8dot(x2, _cpu_weight(layer, "rows16"))
+            planes = 1 if layer.mode == "w8a8" else 2
+            y2 = _cpu_kernels().gemv_int8dot(x2, _cpu_weight(layer, "rows16"), planes=planes)
         elif path == "cpu_gemv":
             y2 = _cpu_kernels().gemv(x2, _cpu_weight(layer))
         elif path == "cpu_tiled":

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from qlab.kernels import cpu
 
 from qlab.codebooks import codebook_table
+from qlab.packing import unpack
 
 lib = cpu.load()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels unavailable: {cpu.status()}")
@@ -196,6 +197,28 @@ def test_int8dot_property(bits, chunks, groups, blocks, m, codebook, seed):
         s_full = scale.repeat_interleave(g, dim=1).double()
         bound = bound + (1 / (127 * 508)) * (x.double().abs() @ s_full.t())
     assert bool(((cpu.gemv_int8dot(x, w).double() - x.double() @ wref.t()).abs() <= bound).all())
+
+
+def test_one_plane_is_w8a8_integer_arithmetic():
+    """planes=1 quantizes x exactly as qlab.nn.quantize_tokens_int8 and multiplies like torch._int_mm."""
+    from qlab.config import QuantConfig
+    from qlab.nn import QuantLinear, _w8a8_forward
+
+    torch.manual_seed(5)
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 48, bias=False), QuantConfig("w8a8", 8, None))
+    codes = unpack(layer.qweight, 8, 256)
+    w = cpu.prepare_rows16(codes, 8, 256, layer.scale, torch.full((1, 1), 128.0))
+    x = torch.randn(5, 256)
+    x[1] = 0.0
+    x[2, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.0, -3.0, 6.35]) * (x[2].abs().max() / 127)  # ties
+    y = cpu.gemv_int8dot(x, w, planes=1)
+    ref = _w8a8_forward(layer, x, exact_int=True)  # torch._int_mm on the same integers
+    assert rel_err(y, ref) < 1e-6
+    assert torch.equal(y[1], torch.zeros(48))
+    with pytest.raises(ValueError, match="planes must be 2, or 1 for 8-bit"):
+        cpu.gemv_int8dot(x, cpu.prepare_rows16(codes.clamp(max=15), 4, 32, torch.rand(48, 8), None), planes=1)
+    with pytest.raises(ValueError, match="planes must be"):
+        cpu.gemv_int8dot(x, w, planes=3)
 
 
 def test_int8dot_symmetric_codes_and_special_rows():

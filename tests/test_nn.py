@@ -15,6 +15,7 @@ from qlab.config import QuantConfig
 from qlab.nn import (
     CPU_INT8DOT_MAX_ROWS,
     CPU_TILED_MIN_ROWS,
+    CPU_W8A8_DOT_MAX_ROWS,
     FAST_PATH_RTOL,
     QuantLinear,
     _cpu_kernels,
@@ -44,7 +45,7 @@ SETTINGS = {
     "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
     "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int8"),
     "fp8": (QuantConfig("fp8", 8, None), ("cpu_gemv", "cpu_tiled"), "fp8_bf16"),
-    "w8a8": (QuantConfig("w8a8", 8, None), ("int_mm", "int_mm"), "int_mm"),
+    "w8a8": (QuantConfig("w8a8", 8, None), ("cpu_int8dot", "int_mm"), "int_mm"),
 }
 HAS_CPU_KERNELS = _cpu_kernels() is not None
 
@@ -53,7 +54,12 @@ def expected_path(name: str, rows: int) -> str:
     _, with_kernels, without = SETTINGS[name]
     if not HAS_CPU_KERNELS:
         return without
-    from_rows = CPU_INT8DOT_MAX_ROWS if with_kernels[0] == "cpu_int8dot" else CPU_TILED_MIN_ROWS
+    if name == "w8a8":
+        from_rows = CPU_W8A8_DOT_MAX_ROWS
+    elif with_kernels[0] == "cpu_int8dot":
+        from_rows = CPU_INT8DOT_MAX_ROWS
+    else:
+        from_rows = CPU_TILED_MIN_ROWS
     return with_kernels[rows >= from_rows]
 
 
