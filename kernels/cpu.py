@@ -45,6 +45,7 @@ __all__ = [
     "prepare",
     "prepare_rows16",
     "prepare_fp8",
+    "split_activations",
     "fits_fp8",
     "fits",
     "fits_rows16",
@@ -468,6 +469,26 @@ def prepare_rows16(
         zero_t=None if zero is None or table is not None else transposed(zero),
         levels=None if table is None else codebook_levels(table),
     )
+
+
+def split_activations(x: torch.Tensor, planes: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation split of :func:`gemv_int8dot`, in plain torch: ``x ≈ sx (q1 + q2 / 254)`` per row.
+
+    ``sx = max|x| / 127`` (``[M, 1]`` fp32), ``q1 = round(x / sx)``, ``q2 = round(254 (x / sx - q1))``
+    (int8, ``|q| <= 127``; ``q2 = 0`` for ``planes=1``, which is W8A8's per-token int8). Rounding is
+    half-to-even, all in fp32, as the C kernel computes it; an all-zero row gives ``sx = 0`` and zeros.
+    """
+    if planes not in (1, 2):
+        raise ValueError(f"planes must be 1 or 2, got {planes!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D float tensor [M, K], got {getattr(x, 'shape', type(x).__name__)}")
+    xf = x.float()
+    sx = xf.abs().amax(dim=1, keepdim=True) / 127
+    t = torch.where(sx > 0, xf / torch.where(sx > 0, sx, torch.ones_like(sx)), torch.zeros_like(xf))
+    t = t.clamp(-127, 127)
+    q1 = torch.round(t)
+    q2 = torch.round((t - q1) * 254).clamp(-127, 127) if planes == 2 else torch.zeros_like(q1)
+    return sx, q1.to(torch.int8), q2.to(torch.int8)
 
 
 def gemv_int8dot(

@@ -147,11 +147,9 @@ def test_int8dot_matches_torch(bits, g, m):
     assert y.dtype == torch.float32 and y.shape == (m, n)
     assert rel_err(y, x.double() @ wref.t()) < 2e-4
     # with x replaced by its two-plane split sx (q1 + q2/254), the kernel is exact up to fp32 rounding
-    sx = x.abs().amax(-1, keepdim=True) / 127
-    t = (x / sx).clamp(-127, 127)
-    q1 = torch.round(t)
-    q2 = torch.round((t - q1) * 254).clamp(-127, 127)
-    xhat = (sx * (q1 + q2 / 254)).double()
+    sx, q1, q2 = cpu.split_activations(x)
+    assert (x - sx * (q1 + q2 / 254)).abs().max() <= (sx / 508).max() * (1 + 1e-6)
+    xhat = sx.double() * (q1.double() + q2.double() / 254)
     assert rel_err(y, xhat @ wref.t()) < 2e-6
 
 
@@ -197,6 +195,23 @@ def test_int8dot_property(bits, chunks, groups, blocks, m, codebook, seed):
         s_full = scale.repeat_interleave(g, dim=1).double()
         bound = bound + (1 / (127 * 508)) * (x.double().abs() @ s_full.t())
     assert bool(((cpu.gemv_int8dot(x, w).double() - x.double() @ wref.t()).abs() <= bound).all())
+
+
+def test_split_activations_reference():
+    x = torch.randn(4, 96) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])
+    sx, q1, q2 = cpu.split_activations(x)
+    assert sx.shape == (4, 1) and q1.dtype == q2.dtype == torch.int8
+    assert bool(((x - sx * (q1.float() + q2.float() / 254)).abs() <= sx / 508 * (1 + 1e-6)).all())
+    assert torch.equal(q1[3], torch.zeros(96, dtype=torch.int8)) and float(sx[3]) == 0.0
+    from qlab.nn import quantize_tokens_int8
+
+    qw, _ = quantize_tokens_int8(x[:3])
+    _, p1, p2 = cpu.split_activations(x[:3], planes=1)
+    assert torch.equal(p1, qw) and not p2.any()
+    with pytest.raises(ValueError, match="planes must be 1 or 2"):
+        cpu.split_activations(x, planes=0)
+    with pytest.raises(ValueError, match="x must be a 2-D float tensor"):
+        cpu.split_activations(torch.ones(3, dtype=torch.int32))
 
 
 def test_one_plane_is_w8a8_integer_arithmetic():

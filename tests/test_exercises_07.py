@@ -6,7 +6,12 @@ import pytest
 import torch
 from qlab.kernels.roofline import H100, H200
 
-from qlab.exercises.lesson07 import check_decode_intensity, check_ridge_batch, check_unpack
+from qlab.exercises.lesson07 import (
+    check_decode_intensity,
+    check_ridge_batch,
+    check_split_planes,
+    check_unpack,
+)
 
 
 def unpack_solution(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,3 +68,47 @@ def test_ridge_solution_and_typical_mistakes():
     assert not ridge_itself and "solve" in ridge_itself.message
     upside_down = check_ridge_batch(H100, 4, H100.ridge * 16 / 4, quiet=True)
     assert not upside_down and "upside down" in upside_down.message
+
+
+def split_solution(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The notebook's solution: q1 rounds x / sx, q2 rounds the rest on a 254x finer grid."""
+    sx = x.abs().amax(dim=1, keepdim=True) / 127
+    t = x / sx
+    q1 = torch.round(t)
+    q2 = torch.round((t - q1) * 254)
+    return sx, q1, q2
+
+
+def test_split_planes_solution_and_typical_mistakes(capsys):
+    assert check_split_planes(split_solution)
+    assert "correct" in capsys.readouterr().out
+
+    def one_plane(x):
+        sx, q1, _ = split_solution(x)
+        return sx, q1, torch.zeros_like(q1)
+
+    def global_scale(x):
+        sx = x.abs().max() / 127 * torch.ones(x.shape[0], 1)
+        t = x / sx
+        return sx, torch.round(t), torch.round((t - torch.round(t)) * 254)
+
+    def coarse_rest(x):
+        sx, q1, _ = split_solution(x)
+        return sx, q1, torch.round((x / sx - q1) * 127)
+
+    def truncating(x):
+        sx = x.abs().amax(dim=1, keepdim=True) / 127
+        q1 = torch.trunc(x / sx)
+        return sx, q1, torch.round((x / sx - q1) * 254).clamp(-127, 127)
+
+    for wrong, word in (
+        (one_plane, "left over"),
+        (global_scale, "each row"),
+        (coarse_rest, "254"),
+        (truncating, "nearest"),
+    ):
+        result = check_split_planes(wrong, quiet=True)
+        assert not result and word in result.message, (wrong.__name__, result.message)
+    assert not check_split_planes(lambda x: x, quiet=True)
+    with pytest.raises(TypeError, match="split must be a function"):
+        check_split_planes(3)

@@ -3,9 +3,10 @@
 1. :func:`check_unpack` — write the kernel's unpacking (shift, then mask) for int32 words.
 2. :func:`check_decode_intensity` — FLOPs per weight byte of a weight-only quantized layer.
 3. :func:`check_ridge_batch` — the batch size at which that layer stops being memory-bound.
+4. :func:`check_split_planes` — split activations into the two int8 planes of qlab's CPU kernel.
 
-Each check recomputes the answer with :mod:`qlab.packing` or :mod:`qlab.kernels.roofline` and gives
-a hint, never the number.
+Each check recomputes the answer with :mod:`qlab.packing`, :mod:`qlab.kernels.roofline` or
+:func:`qlab.kernels.cpu.split_activations` and gives a hint, never the number.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from qlab.exercises import CheckResult, as_number, report
+from qlab.kernels.cpu import split_activations
 from qlab.kernels.roofline import Accelerator, linear_bytes, linear_flops
 from qlab.packing import pack_int32, unpack_int32
 
@@ -104,3 +106,55 @@ def check_ridge_batch(acc: Accelerator, bits: float, answer: object, *, quiet: b
     else:
         hint = "intensity grows linearly with M (16 * M / bits FLOPs per byte): where does it meet the ridge?"
     return report(ok, "ridge batch size", hint, quiet=quiet)
+
+
+def check_split_planes(
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 4: ``split(x) -> (sx, q1, q2)`` with ``x ≈ sx (q1 + q2 / 254)`` per row of ``x [M, K]``.
+
+    Compared with :func:`qlab.kernels.cpu.split_activations`: ``sx`` ``[M, 1]`` (rtol 1e-6), ``q1`` and
+    ``q2`` equal as integers on at least 99.9% of the elements (a different but valid rounding of an
+    exact tie may differ by one), and every element within ``sx / 508`` of ``x``.
+    """
+    if not callable(split):
+        raise TypeError(f"split must be a function x -> (sx, q1, q2), got {type(split).__name__}")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([[1.0], [0.01], [30.0], [1.0], [5.0], [0.2]])
+    x[3, 17] = 40.0  # an outlier sets its row's scale
+    ref_sx, ref_q1, ref_q2 = split_activations(x)
+    got = split(x.clone())
+    if not isinstance(got, tuple) or len(got) != 3 or not all(isinstance(t, torch.Tensor) for t in got):
+        return report(False, "split_planes", "return a tuple of three tensors (sx, q1, q2).", quiet=quiet)
+    sx, q1, q2 = got
+    if (
+        tuple(sx.reshape(-1).shape) != (x.shape[0],)
+        or tuple(q1.shape) != tuple(x.shape)
+        or q1.shape != q2.shape
+    ):
+        return report(
+            False,
+            "split_planes",
+            f"sx needs one value per row ({x.shape[0]}), q1 and q2 the shape of x {tuple(x.shape)}.",
+            quiet=quiet,
+        )
+    if not torch.allclose(sx.reshape(-1, 1).float(), ref_sx, rtol=1e-6, atol=0):
+        return report(False, "split_planes", "sx is the largest |x| of each row divided by 127.", quiet=quiet)
+    if not torch.equal(q1.round(), q1) or not torch.equal(q2.round(), q2):
+        return report(False, "split_planes", "q1 and q2 must hold whole numbers (round them).", quiet=quiet)
+    if (q1.abs() > 127).any() or (q2.abs() > 127).any():
+        return report(False, "split_planes", "q1 and q2 must fit in int8's [-127, 127].", quiet=quiet)
+    same1 = (q1.long() == ref_q1.long()).float().mean().item()
+    if same1 < 0.999:
+        return report(False, "split_planes", "q1 is x / sx rounded to the nearest integer.", quiet=quiet)
+    xhat = sx.reshape(-1, 1).double() * (q1.double() + q2.double() / 254)
+    within = bool(((x.double() - xhat).abs() <= ref_sx.double() / 508 * (1 + 1e-6)).all())
+    same2 = (q2.long() == ref_q2.long()).float().mean().item()
+    if not within or same2 < 0.999:
+        return report(
+            False,
+            "split_planes",
+            "q2 quantizes what q1 left over, x / sx - q1 (between -1/2 and 1/2), on a grid 254 times finer.",
+            quiet=quiet,
+        )
+    return report(True, "split_planes", "", quiet=quiet)
