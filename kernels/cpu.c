@@ -1,26 +1,26 @@
 /*
- * qlab CPU kernels: weight-only quantized matmul with dequantization on the fly.
+ * qlab CPU kernels: quantized matmul that never builds the float weight. Called from
+ * qlab/kernels/cpu.py (ctypes), which also lays the weights out; kernels/README.md has the details.
  *
- * Weight layout ("kernel blocks", built from the codes by qlab/kernels/cpu.py, a runtime copy of
- * the stored qlab.packing codes): each row of K codes of b bits (b in 2, 4, 8; c = 8/b codes per
- * byte) is cut into blocks of B = 16c inputs stored in 16 bytes, byte l of a block holding the codes
- * of inputs blk*B + 16*i + l (i = 0..c-1) in bits [i*b, (i+1)*b). Widening 16 bytes then gives c
- * vectors of 16 consecutive inputs, so x and the output are read and written contiguously (the
- * layout llama.cpp's Q4_0 uses for the same reason). Scales, zeros are per row and group of g
- * inputs (g a multiple of B):
+ *     affine:    W[n,k] = s[n,k/g] * (u[n,k] - z[n,k/g])          (u: b-bit codes, g: group size)
+ *     codebook:  W[n,k] = s[n,k/g] * T[u[n,k]]                    (b = 4, T: 16 values, NF4/FP4)
+ *     fp8:       W[n,k] = s[n] * e4m3(w[n,k])
  *
- *     affine:    W[n,k] = s[n,k/g] * (u[n,k] - z[n,k/g])
- *     codebook:  W[n,k] = s[n,k/g] * T[u[n,k]]          (b = 4, T a 16-entry table)
+ * Decode (few rows of x, memory-bound):
+ *   qlab_gemv_i8    affine and codebook codes in the "rows16" layout; x split into two int8 planes
+ *                   (one for W8A8), code x activation products summed exactly in int32 (vpdpbusd).
+ *   qlab_gemv       "blocks" layout, for layers with rows not in blocks of 16: codes looked up as
+ *                   bf16 and multiplied with bf16 x (vdpbf16ps), fp32 sums.
+ *   qlab_fp8_gemv   e4m3 bytes widened to bf16 in registers, vdpbf16ps.
+ * Prefill (many rows, compute-bound):
+ *   qlab_dequant_bf16, qlab_fp8_dequant_bf16
+ *                   a block of rows of W in bf16, into a buffer small enough to stay in cache; the
+ *                   caller multiplies it with torch's bf16 GEMM (oneDNN, AMX where the CPU has it)
+ *                   and moves on to the next block.
  *
- * qlab_gemv (few rows of x: memory-bound) reads each code once per row of x, never a float W:
- *     y[m,n] = sum_g s_g * (x_g . u_g) - (s_g z_g) * sum(x_g)      (zero folded out of the loop)
- * qlab_dequant_bf16 (many rows of x: compute-bound) writes a block of rows of W in bf16 into a
- * buffer small enough to stay in cache; the caller multiplies it with torch's bf16 GEMM (oneDNN,
- * AMX where the CPU has it) and moves on to the next block, so the whole float W never exists.
- *
- * With AVX-512 (gcc -march=native defines __AVX512F__) the loops are written with intrinsics; the
- * portable branch does the same arithmetic lane by lane and is what other CPUs run (tests build
- * both). Threads: OpenMP over output rows.
+ * With AVX-512 (-march=native defines __AVX512F__, __AVX512VNNI__, __AVX512BF16__) the loops use
+ * intrinsics; the portable branches do the same arithmetic lane by lane and are what other CPUs
+ * run (the tests build both and compare). Threads: OpenMP over output rows.
  */
 #include <stdint.h>
 #include <string.h>
@@ -50,7 +50,13 @@ int qlab_cpu_avx512(void)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Decode: one output row (n) against one row of x.
+ * Decode with bf16 dot products, "blocks" layout: each row of K codes of b bits (b in 2, 4, 8;
+ * c = 8/b codes per byte) is cut into blocks of B = 16c inputs stored in 16 bytes, byte l of a block
+ * holding the codes of inputs blk*B + 16*i + l (i = 0..c-1) in bits [i*b, (i+1)*b). Widening 16
+ * bytes gives vectors of 16 consecutive inputs, so x and the output are read and written
+ * contiguously (llama.cpp's Q4_0 is laid out that way for the same reason). The zero-point leaves
+ * the loop:  y[m,n] = sum_g s_g * (x_g . u_g) - (s_g z_g) * sum(x_g).  The prefill tiles read the
+ * same layout.
  * ------------------------------------------------------------------------------------------- */
 /* MB rows of x at once against one row of W: out[m] = sum_g s_g * (x[m]_g . v_g), v = lut[code]
  * (the code itself, or a codebook's value). Each block of 16 bytes is decoded once for all MB rows.
@@ -587,3 +593,5 @@ int qlab_fp8_dequant_bf16(long n0, long n1, long K, const uint8_t *w, const floa
     }
     return 0;
 }
+
+int qlab_cpu_bf16(void) { return QLAB_BF16_DOT; }

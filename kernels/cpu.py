@@ -145,7 +145,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
             _lib = _bind(build())
             feats = [
                 f
-                for f, on in (("avx512-bf16", _lib.qlab_cpu_avx512()), ("avx512-vnni", _lib.qlab_cpu_vnni()))
+                for f, on in (("avx512-bf16", _lib.qlab_cpu_bf16()), ("avx512-vnni", _lib.qlab_cpu_vnni()))
                 if on
             ]
             _status = ", ".join(feats) or "portable C"

@@ -319,7 +319,7 @@ def test_portable_build_matches_the_native_one(tmp_path):
     """The non-AVX-512 branch of cpu.c (what other CPUs run) computes the same results."""
     flags = tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in cpu.FLAGS)
     portable = cpu.load(cpu.build(tmp_path, flags))
-    assert portable.qlab_cpu_avx512() == 0 and portable.qlab_cpu_vnni() == 0
+    assert portable.qlab_cpu_avx512() == portable.qlab_cpu_bf16() == portable.qlab_cpu_vnni() == 0
     for bits, g in CASES:
         codes, scale, zero, _ = make(bits, 24, 256, g, seed=g)
         w = cpu.prepare(codes, bits, g, scale, zero)
