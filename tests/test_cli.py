@@ -68,6 +68,9 @@ def test_info(capsys):
     code, out, _ = run(capsys, "info")
     assert code == 0
     assert f"torch        {torch.__version__}" in out and "triton" in out and "CUDA" in out
+    from qlab.kernels import cpu
+
+    assert f"cpu kernels  {cpu.status()}" in out
 
 
 def test_compare_settings_expand_and_format():
