@@ -1,15 +1,18 @@
-"""qlab's native CPU kernels (``kernels/cpu.c``): quantized matmul with dequantization on the fly.
+"""qlab's native CPU kernels (``kernels/cpu.c``): quantized matmul that never builds the float weight.
 
-Two entry points, both on a :class:`CpuWeight` (the codes re-laid out for the kernel, built once per
-layer by :func:`prepare`):
+Each layer's weight is laid out once (the ``prepare*`` functions; :mod:`qlab.nn` caches the result)
+and then multiplied by one of:
 
-* :func:`gemv` — few rows of ``x`` (decode): reads each packed code once per row of ``x`` and
-  multiplies it with bf16 activations (``vdpbf16ps`` on CPUs with AVX512-BF16; fp32 for 8-bit
-  codes), fp32 sums, zero-point folded out of the loop::
+* :func:`gemv_int8dot` — decode (few rows of ``x``), affine and NF4/FP4 codes in the ``rows16``
+  layout: ``x`` split per row into two int8 planes (:func:`split_activations`,
+  ``x ≈ sx (q1 + q2/254)``) and code × activation products summed exactly in int32
+  (``vpdpbusd``), 16 output rows per vector; with ``planes=1`` it is W8A8::
 
-      y[m, n] = Σ_g s[n, g] (x[m, g] · v[n, g]) - s[n, g] z[n, g] Σ x[m, g],   v = u or T[u]
+      y[m, n] = sx Σ_g s[n, g] ((A1 + A2/254) - z[n, g] X[m, g]),   A = Σ_{k∈g} u q
 
-* :func:`tiled_matmul` — many rows (prefill): dequantizes ``rows`` rows of ``W`` at a time to bf16
+* :func:`gemv` — decode for the "blocks" layout (layers whose rows do not come in 16s) and FP8:
+  codes looked up (or e4m3 widened) as bf16 and multiplied with bf16 ``x`` (``vdpbf16ps``);
+* :func:`tiled_matmul` — prefill (many rows): dequantizes ``rows`` rows of ``W`` at a time to bf16
   into one reused buffer (sized to stay in cache) and multiplies each block with torch's bf16 GEMM
   (oneDNN; AMX tiles where the CPU has them), so the whole float ``W`` never exists.
 
