@@ -53,6 +53,8 @@ def qlab_layers(lin: nn.Linear) -> dict[str, QuantLinear]:
         "qlab W4A16 g128": QuantConfig("rtn", 4, 128),
         "qlab W2A16 g64": QuantConfig("rtn", 2, 64),
         "qlab NF4 b64": QuantConfig("nf4", 4, 64),
+        "qlab FP8 e4m3": QuantConfig("fp8", 8, None),
+        "qlab W8A8": QuantConfig("w8a8", 8, None),
     }
     return {name: QuantLinear.from_linear(lin, cfg) for name, cfg in settings.items()}
 
