@@ -2,8 +2,10 @@
 
 Run: ``python benchmarks/bench_linear.py [--size 4096] [--batches 1,64] [--repeats 20] [--model]``
 
-Everything runs in one process on the same weight, side by side, so the ratios to fp32 are what to
-read (absolute times vary 10-30% between runs on a shared 2-core machine). Peers (optimum-quanto,
+Everything runs in one process on the same weight, timed round-robin so that the drift of a shared
+machine hits every candidate alike; the ratios to fp32 are what to read. By default the caches are
+flushed (a 256 MB buffer rewritten) before every call, as when decoding a model larger than the
+cache; ``--warm`` times calls with whatever the caches hold. Peers (optimum-quanto,
 bitsandbytes) are timed when they import; a peer that fails is reported, not hidden. With ``--model``
 it also times one SmolLM2 forward pass (fp32 vs W8A16 vs W4A16 g128).
 
@@ -21,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +38,36 @@ from qlab.config import QuantConfig  # noqa: E402
 from qlab.nn import QuantLinear, select_path  # noqa: E402
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in ms after two warm-up calls."""
-    fn()
-    fn()
-    times = []
+def round_robin_ms(
+    calls: dict[Any, Callable[[], object]], repeats: int, evict: torch.Tensor | None = None
+) -> dict[Any, float | str]:
+    """Median wall time (ms) of each call, timed in turn ``repeats`` times after two warm-ups each.
+
+    Interleaving the calls spreads the drift of a shared machine over all of them alike, so the
+    ratios stay fair even when the absolute times move. With ``evict``, that tensor is rewritten
+    (untimed) before every call, so each call finds its weights out of the caches, as when a model
+    larger than the cache is decoded layer after layer. A call that raises is reported by the name
+    of its exception instead of a time.
+    """
+    live: dict[Any, Callable[[], object]] = {}
+    out: dict[Any, float | str] = {}
+    for key, fn in calls.items():
+        try:
+            fn()
+            fn()
+            live[key] = fn
+        except Exception as err:  # a peer that fails is reported, not hidden
+            out[key] = f"failed: {type(err).__name__}"
+    times: dict[Any, list[float]] = {key: [] for key in live}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for key, fn in live.items():
+            if evict is not None:
+                evict.add_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    out.update({key: 1e3 * statistics.median(v) for key, v in times.items()})
+    return out
 
 
 def qlab_layers(lin: nn.Linear) -> dict[str, QuantLinear]:
@@ -103,8 +126,9 @@ def bnb_layers(lin: nn.Linear) -> tuple[dict[str, Callable[[torch.Tensor], torch
     return out, ""
 
 
-def bench_layer(size: int, batches: list[int], repeats: int, peers: bool) -> None:
+def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: bool = True) -> None:
     torch.manual_seed(0)
+    evict = torch.zeros(64 * 2**20) if cold else None  # 256 MB, more than this machine's caches
     lin = nn.Linear(size, size, bias=False)
     w32 = lin.weight.detach()
     w16 = w32.to(torch.bfloat16)
@@ -121,28 +145,24 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool) -> Non
             if note:
                 notes.append(note)
     threads = torch.get_num_threads()
-    print(f"\n{size}x{size} weight, {threads} threads, median of {repeats} (ms; ratio = fp32 / this)")
+    cache = "caches flushed before each call" if cold else "warm caches"
+    print(f"\n{size}x{size} weight, {threads} threads, median of {repeats}, round-robin, {cache}")
+    print("(ms; ratio = fp32 / this)")
     for note in notes:
         print(f"  note: {note}")
-    header = f"{'':<22}" + "".join(f"{'batch ' + str(b):>22}" for b in batches)
-    print(header)
-    base = {}
-    rows: dict[str, list[str]] = {"fp32 F.linear": []}
+    print(f"{'':<22}" + "".join(f"{'batch ' + str(b):>22}" for b in batches))
+    names = ["fp32 F.linear", *candidates]
+    fns = {"fp32 F.linear": lambda x: F.linear(x, w32), **candidates}
+    rows: dict[str, list[str]] = {name: [] for name in names}
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, size)
-            base[b] = median_ms(lambda x=x: F.linear(x, w32), repeats)
-            rows["fp32 F.linear"].append(f"{base[b]:>10.2f} ms {1.0:>7.2f}x")
-        for name, fn in candidates.items():
-            cells = []
-            for b in batches:
-                x = torch.randn(b, size)
-                try:
-                    t = median_ms(lambda x=x, fn=fn: fn(x), repeats)
-                    cells.append(f"{t:>10.2f} ms {base[b] / t:>7.2f}x")
-                except Exception as err:
-                    cells.append(f"{'failed: ' + type(err).__name__:>22}")
-            rows[name] = cells
+            ms = round_robin_ms({name: (lambda fn=fns[name], x=x: fn(x)) for name in names}, repeats, evict)
+            base = ms["fp32 F.linear"]
+            assert isinstance(base, float)
+            for name in names:
+                t = ms[name]
+                rows[name].append(f"{t:>22}" if isinstance(t, str) else f"{t:>10.2f} ms {base / t:>7.2f}x")
     for name, cells in rows.items():
         print(f"{name:<22}" + "".join(f"{c:>22}" for c in cells))
     for b in batches:
@@ -167,21 +187,12 @@ def bench_model(repeats: int) -> None:
         models[label] = m
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     calls = {(label, n): (lambda m=m, n=n: m(ids[:, :n])) for label, m in models.items() for n in (64, 1)}
-    times: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
     with torch.inference_mode():
-        for fn in calls.values():
-            fn()
-        for _ in range(repeats):
-            for key, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
-    med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+        med = round_robin_ms(calls, repeats)
     print(f"\nSmolLM2-135M forward pass, 1 x 64 tokens and 1 token, median of {repeats} round-robin")
     print("(ms; ratio = fp32 / this)")
     for label in models:
-        t64, t1 = med[(label, 64)], med[(label, 1)]
-        f64, f1 = med[("fp32", 64)], med[("fp32", 1)]
+        t64, t1, f64, f1 = (float(med[key]) for key in ((label, 64), (label, 1), ("fp32", 64), ("fp32", 1)))
         print(f"{label:<12}{t64:>9.1f} ms {f64 / t64:>5.2f}x{t1:>9.1f} ms {f1 / t1:>5.2f}x")
 
 
@@ -191,13 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-peers", action="store_true", help="skip optimum-quanto and bitsandbytes")
+    p.add_argument("--warm", action="store_true", help="leave the caches warm between calls")
     p.add_argument("--model", action="store_true", help="also time a SmolLM2 forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}")
-    bench_layer(a.size, [int(b) for b in a.batches.split(",")], a.repeats, not a.no_peers)
+    bench_layer(a.size, [int(b) for b in a.batches.split(",")], a.repeats, not a.no_peers, cold=not a.warm)
     if a.model:
         bench_model(max(5, a.repeats // 2))
 
