@@ -40,6 +40,15 @@ static inline float bf16_to_float(uint16_t h)
     return f;
 }
 
+/* Round-to-nearest-even fp32 -> bf16 of a finite float (the scaled codes always are). */
+static inline uint16_t to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 int qlab_cpu_avx512(void)
 {
 #ifdef __AVX512F__
@@ -457,14 +466,6 @@ static void dequant_row(const uint8_t *w, const float *s, const float *z, long G
     }
 }
 #else
-static inline uint16_t to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 static void dequant_row(const uint8_t *w, const float *s, const float *z, long G, long blocks_per_g,
                         int bits, const float *table, uint16_t *o)
 {
@@ -587,13 +588,7 @@ int qlab_fp8_dequant_bf16(long n0, long n1, long K, const uint8_t *w, const floa
         continue;
 #endif
 #endif
-        for (long k = 0; k < K; k++) {
-            const float v = scale[n] * bf16_to_float(e4m3_to_bf16(wr[k]));
-            uint32_t u;
-            memcpy(&u, &v, 4);
-            u += 0x7FFFu + ((u >> 16) & 1u);
-            o[k] = (uint16_t)(u >> 16);
-        }
+        for (long k = 0; k < K; k++) o[k] = to_bf16(scale[n] * bf16_to_float(e4m3_to_bf16(wr[k])));
     }
     return 0;
 }

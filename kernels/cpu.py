@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from qlab.quantize import per_group
+
 __all__ = [
     "CpuWeight",
     "Fp8Weight",
@@ -164,13 +166,37 @@ def status() -> str:
     return _status
 
 
-def kernel_bits(bits: int, group_size: int) -> int | None:
-    """The code width the kernel runs ``bits``-bit codes at (1/3-bit codes are valid 4-bit codes), or None.
+def _code_width(bits: int, group_size: int, unit_bytes: int) -> int | None:
+    """The width (2, 4 or 8) a layout stores ``bits``-bit codes at, units of ``unit_bytes`` bytes.
 
-    A block holds ``16 * 8 / b`` inputs and a group must be whole blocks.
+    1/3-bit codes are valid 4-bit codes (2-bit too, when groups are too short for 2-bit units);
+    5-7 bit codes run at 8. A group must hold whole units of ``unit_bytes * 8 / b`` inputs.
     """
     widths = {8: (8,), 4: (4,), 2: (2, 4)}.get(bits, (4,) if bits < 4 else (8,))
-    return next((kb for kb in widths if group_size % (16 * 8 // kb) == 0), None)
+    return next((kb for kb in widths if group_size % (unit_bytes * 8 // kb) == 0), None)
+
+
+def _check_codes(codes: torch.Tensor) -> tuple[int, int]:
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
+        got = (
+            f"{codes.dtype} of shape {list(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes)
+        )
+        raise ValueError(f"codes must be a 2-D uint8 tensor, got {got}")
+    return codes.shape[0], codes.shape[1]
+
+
+def _pack_slots(slots: torch.Tensor, kb: int) -> torch.Tensor:
+    """OR the ``kb``-bit codes of dim -2 (slot ``i`` at bits ``[i kb, (i+1) kb)``) into bytes."""
+    slots = slots.to(torch.int32)
+    out = torch.zeros_like(slots.select(-2, 0))
+    for i in range(slots.shape[-2]):
+        out |= slots.select(-2, i) << (i * kb)
+    return out.to(torch.uint8)
+
+
+def kernel_bits(bits: int, group_size: int) -> int | None:
+    """The code width the "blocks" layout runs ``bits``-bit codes at, or None (a block: 16 bytes)."""
+    return _code_width(bits, group_size, 16)
 
 
 def fits(bits: int, group_size: int, in_features: int) -> bool:
@@ -218,11 +244,7 @@ def prepare(
     ``scale``/``zero`` are ``[N or 1, K/g or 1]`` (per-tensor and per-channel broadcast to groups);
     ``zero`` None means no zero-point (codebooks); ``table`` is a 16-entry codebook for 4-bit codes.
     """
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(
-            f"codes must be a 2-D uint8 tensor, got {codes.dtype} with shape {list(codes.shape)}"
-        )
-    n, k = codes.shape
+    n, k = _check_codes(codes)
     if not fits(bits, group_size, k):
         raise ValueError(
             f"a {bits}-bit weight with group_size={group_size} and in_features={k} "
@@ -231,23 +253,14 @@ def prepare(
     kb = kernel_bits(bits, group_size)
     assert kb is not None
     c = 8 // kb
-    blocks = codes.reshape(n, k // (16 * c), c, 16).to(torch.int32)
-    packed = torch.zeros(n, k // (16 * c), 16, dtype=torch.int32)
-    for i in range(c):
-        packed |= blocks[:, :, i, :] << (i * kb)
+    packed = _pack_slots(codes.reshape(n, k // (16 * c), c, 16), kb)  # [n, blocks, 16]
     groups = k // group_size
-
-    def per_group(t: torch.Tensor) -> torch.Tensor:
-        t = t.float().expand(n, -1)
-        return t.repeat_interleave(groups // t.shape[1], dim=1).contiguous()
-
-    s = per_group(scale)
-    z = None if zero is None else per_group(zero)
-    values = table.float() if table is not None else torch.arange(16, dtype=torch.float32)
+    s = per_group(scale, n, groups).contiguous()
+    z = None if zero is None else per_group(zero, n, groups).contiguous()
     lut = torch.zeros(32, dtype=torch.float32)
-    lut[:16] = values[:16] if table is not None else values
+    lut[:16] = torch.arange(16, dtype=torch.float32) if table is None else table.float()
     return CpuWeight(
-        codes=packed.to(torch.uint8).reshape(n, -1).contiguous(),
+        codes=packed.reshape(n, -1).contiguous(),
         bits=kb,
         group_size=group_size,
         scale=s,
@@ -324,8 +337,7 @@ def gemv(x: torch.Tensor, w: CpuWeight | Fp8Weight, lib: ctypes.CDLL | None = No
             raise RuntimeError(f"qlab_fp8_gemv rejected M={x.shape[0]} N={n} K={k}")
         return y
     m, g = x.shape[0], w.group_size
-    xf = x.float()
-    xk = xf.contiguous() if w.bits == 8 else x.to(torch.bfloat16).contiguous()
+    xk = (x.float() if w.bits == 8 else x.to(torch.bfloat16)).contiguous()
     # the zero-point term uses the same (rounded) x the products see
     xsum = None if w.sz is None else xk.float().reshape(m, k // g, g).sum(-1).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
@@ -371,12 +383,8 @@ def tiled_matmul(
 # Decode with integer dot products (affine codes): the "rows16" layout
 # ------------------------------------------------------------------------------------------------
 def rows16_bits(bits: int, group_size: int) -> int | None:
-    """The code width the int8-dot kernel runs ``bits``-bit codes at, or None.
-
-    A chunk holds ``4 * 8 / b`` inputs and a group must be whole chunks.
-    """
-    widths = {8: (8,), 4: (4,), 2: (2, 4)}.get(bits, (4,) if bits < 4 else (8,))
-    return next((kb for kb in widths if group_size % (4 * 8 // kb) == 0), None)
+    """The code width the "rows16" layout runs ``bits``-bit codes at, or None (a chunk: 4 bytes a row)."""
+    return _code_width(bits, group_size, 4)
 
 
 def fits_rows16(bits: int, group_size: int, in_features: int, out_features: int) -> bool:
@@ -438,9 +446,7 @@ def prepare_rows16(
     Byte ``t`` of row ``j`` in a chunk holds, at bits ``[i b, (i+1) b)``, the code of input
     ``k0 + 4 i + t``: masking slot ``i`` gives each 32-bit lane 4 consecutive inputs of its row.
     """
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} of shape {list(codes.shape)}")
-    n, k = codes.shape
+    n, k = _check_codes(codes)
     if not fits_rows16(bits, group_size, k, n):
         raise ValueError(
             f"a {bits}-bit [{n}, {k}] weight with group_size={group_size} does not fit the int8-dot "
@@ -451,19 +457,15 @@ def prepare_rows16(
     kb = rows16_bits(bits, group_size)
     assert kb is not None
     c = 8 // kb
-    v = codes.reshape(n // 16, 16, k // (4 * c), c, 4).to(torch.int32).permute(0, 2, 1, 3, 4)
-    packed = torch.zeros(n // 16, k // (4 * c), 16, 4, dtype=torch.int32)
-    for i in range(c):
-        packed |= v[:, :, :, i, :] << (i * kb)
+    # [row block, chunk, row, slot, byte]: slot i of byte t is input k0 + 4 i + t
+    packed = _pack_slots(codes.reshape(n // 16, 16, k // (4 * c), c, 4).permute(0, 2, 1, 3, 4), kb)
     groups = k // group_size
 
     def transposed(t: torch.Tensor) -> torch.Tensor:
-        t = t.float().expand(n, -1)
-        t = t.repeat_interleave(groups // t.shape[1], dim=1)
-        return t.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
+        return per_group(t, n, groups).reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
 
     return RowsWeight(
-        codes=packed.to(torch.uint8).contiguous(),
+        codes=packed.contiguous(),
         bits=kb,
         group_size=group_size,
         n=n,

@@ -13,15 +13,16 @@ the storage a file or a GPU kernel sees; ``nbytes`` counts them.
 Forward dispatch lives in one function, :func:`select_path` (and :func:`_run` which executes it):
 
 * CUDA with triton: ``qlab.kernels.dequant_matmul`` (fused dequantize-matmul, never a float ``W``);
-* CPU, many rows of ``x`` (prefill: from :data:`CPU_INT8DOT_MAX_ROWS` rows for affine codes,
-  :data:`CPU_TILED_MIN_ROWS` for codebooks): ``cpu_tiled``, qlab's C
+* CPU, many rows of ``x`` (prefill: from :data:`CPU_INT8DOT_MAX_ROWS` rows; from
+  :data:`CPU_TILED_MIN_ROWS` for layers whose rows do not come in blocks of 16): ``cpu_tiled``, qlab's C
   kernel (:mod:`qlab.kernels.cpu`) dequantizes 512 rows of ``W`` at a time to bf16 into one
   cache-sized buffer and torch's bf16 GEMM (oneDNN, AMX tiles where the CPU has them) multiplies
   each block: the whole float ``W`` never exists;
 * CPU, few rows (decode): qlab's C kernels read the packed codes directly, never a float ``W``:
-  ``cpu_int8dot`` for affine codes (``x`` split into two int8 planes, ``x ≈ sx (q1 + q2/254)``,
-  products summed exactly in int32 by ``vpdpbusd``, 16 output rows per vector), ``cpu_gemv`` for
-  codebooks (a 16-entry bf16 lookup times bf16 ``x``, ``vdpbf16ps``);
+  ``cpu_int8dot`` for affine and NF4/FP4 codes (``x`` split into two int8 planes,
+  ``x ≈ sx (q1 + q2/254)``, products summed exactly in int32 by ``vpdpbusd``, 16 output rows per
+  vector), ``cpu_gemv`` for FP8 and for layers whose rows do not come in blocks of 16 (codes looked
+  up as bf16 times bf16 ``x``, ``vdpbf16ps``);
 * CPU without a C compiler (or ``QLAB_CPU_KERNELS=0``): torch's fused weight-only ops, with bf16
   activations and fp32 accumulation:
   - ``int4``: 1- to 4-bit affine codes (2-bit and 3-bit codes are valid 4-bit codes) through
@@ -64,7 +65,7 @@ from tqdm.auto import tqdm
 from qlab.codebooks import codebook_table
 from qlab.config import QuantConfig
 from qlab.packing import PACK_BITS, pack, packed_length, unpack
-from qlab.quantize import QuantizedTensor, QuantSpec, quantize
+from qlab.quantize import QuantizedTensor, QuantSpec, per_group, quantize
 
 Mode = Literal["weight", "fp8", "w8a8"]
 MODES: tuple[str, ...] = ("weight", "fp8", "w8a8")
@@ -616,6 +617,14 @@ def _w8a8_forward(layer: QuantLinear, x2: torch.Tensor, exact_int: bool) -> torc
     return acc * sx * sw
 
 
+def _zero_point(layer: QuantLinear) -> torch.Tensor | None:
+    """The zero-point of the stored (unsigned) codes: ``zero``, or ``2^(bits-1)`` for symmetric codes
+    (stored offset by it), or None for codebooks."""
+    if layer.zero is not None or layer.codebook is not None:
+        return layer.zero
+    return torch.full((1, 1), 2.0 ** (layer.spec.bits - 1))
+
+
 def _cpu_weight(layer: QuantLinear, layout: Literal["blocks", "rows16"] = "blocks") -> Any:
     """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once per layout, cached).
 
@@ -626,19 +635,14 @@ def _cpu_weight(layer: QuantLinear, layout: Literal["blocks", "rows16"] = "block
     key = f"cpu_{layout}"
     entry = layer._cache.get(key)
     if entry is None:
-        bits, n, k = layer.spec.bits, layer.out_features, layer.in_features
-        zero = layer.zero
-        if zero is None and layer.codebook is None:  # symmetric codes are stored offset by 2^(bits-1)
-            zero = torch.full((1, 1), 2.0 ** (bits - 1))
-        scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1)
         cpu = _cpu_kernels()
         if layer.mode == "fp8":
             entry = cpu.prepare_fp8(layer.qweight, layer.scale)
         else:
+            bits = layer.spec.bits
             prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
-            entry = prepare(
-                unpack(layer.qweight, bits, k), bits, layer.group_size, scale, zero, layer.codebook
-            )
+            codes = unpack(layer.qweight, bits, layer.in_features)
+            entry = prepare(codes, bits, layer.group_size, layer.scale, _zero_point(layer), layer.codebook)
         layer._cache[key] = entry
     return entry
 
@@ -660,13 +664,8 @@ def _int4_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
         u = unpack(layer.qweight, layer.spec.bits, k).to(torch.int32) + shift
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
         groups = k // g
-        s = layer.scale.float().expand(n, -1) if layer.scale.shape[0] == 1 else layer.scale.float()
-        s = s.repeat_interleave(groups // s.shape[1], dim=1)  # per-channel -> per-group (same values)
-        if layer.zero is not None:
-            z = layer.zero.float().expand(n, -1) if layer.zero.shape[0] == 1 else layer.zero.float()
-            z = z.repeat_interleave(groups // z.shape[1], dim=1)
-        else:  # symmetric codes are stored offset by 2^(bits-1)
-            z = torch.full_like(s, 2.0 ** (layer.spec.bits - 1))
+        s = per_group(layer.scale, n, groups)
+        z = per_group(_zero_point(layer), n, groups)
         sz = torch.stack([s, s * (8 - shift - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         entry = (packed, sz, g)
         layer._cache["int4"] = entry
@@ -685,8 +684,8 @@ def _int8_groups_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
     n, k = layer.out_features, layer.in_features
     if entry is None:
         u = unpack(layer.qweight, layer.spec.bits, k)
-        s = layer.scale.float().expand(n, -1) if layer.scale.shape[0] == 1 else layer.scale.float()
-        groups = s.shape[1]
+        groups = layer.scale.shape[1]
+        s = per_group(layer.scale, n, groups)
         g = k // groups
         corr = None
         if layer.codebook is not None:
@@ -696,10 +695,7 @@ def _int8_groups_forward(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
         else:
             o = 128 if layer.spec.bits == 8 else 0
             c = (u.to(torch.int16) - o).to(torch.int8)
-            if layer.zero is not None:
-                z = layer.zero.float().expand(n, -1) if layer.zero.shape[0] == 1 else layer.zero.float()
-            else:
-                z = torch.full_like(s, 2.0 ** (layer.spec.bits - 1))
+            z = per_group(_zero_point(layer), n, groups)
             if bool((z != o).any()):
                 corr = (s * (o - z)).t().contiguous()  # [G, N]
         cg = c.reshape(n, groups, g).transpose(0, 1).contiguous()  # [G, N, g]

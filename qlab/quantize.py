@@ -319,6 +319,16 @@ class QuantizedTensor:
         )
 
 
+def per_group(t: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """Scales or zeros of a ``[rows, in]`` weight as fp32 ``[rows, groups]``, one per row and group.
+
+    ``t`` is ``[rows or 1, groups or a divisor of it]``: a per-tensor ``[1, 1]`` or per-channel
+    ``[rows, 1]`` value is repeated over the groups it covers (the same weight, finer bookkeeping).
+    """
+    t = t.float().expand(rows, -1)
+    return t.repeat_interleave(groups // t.shape[1], dim=1)
+
+
 def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest scales (and zero-points) for every block of ``x``.
 

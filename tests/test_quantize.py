@@ -230,3 +230,15 @@ def test_bad_inputs_name_the_argument(x, spec, exc, match):
 def test_spec_and_kwargs_together_is_an_error():
     with pytest.raises(ValueError, match="either spec or keyword"):
         quantize(torch.randn(2, 2), QuantSpec(), bits=4)
+
+
+def test_per_group_repeats_coarser_parameters():
+    from qlab.quantize import per_group
+
+    t = torch.tensor([[2.0]])
+    assert torch.equal(per_group(t, 3, 4), torch.full((3, 4), 2.0))
+    rows = torch.tensor([[1.0], [2.0]])
+    assert torch.equal(per_group(rows, 2, 3), torch.tensor([[1.0] * 3, [2.0] * 3]))
+    full = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(per_group(full, 2, 3), full)
+    assert per_group(full.half(), 2, 3).dtype == torch.float32
