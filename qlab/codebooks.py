@@ -21,14 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from qlab.quantize import (
-    BlockView,
-    QuantizedTensor,
-    QuantSpec,
-    check_finite_extrema,
-    check_float_tensor,
-    quantize,
-)
+from qlab.affine import quantize_rtn
+from qlab.tensor import BlockView, QuantizedTensor, QuantSpec, check_finite_extrema, check_float_tensor
 
 #: Block size QLoRA uses for NF4 scales.
 DEFAULT_BLOCK_SIZE = 64
@@ -117,7 +111,7 @@ def double_quantize_scales(scale: torch.Tensor) -> tuple[QuantizedTensor, torch.
     pad = (-centered.numel()) % DOUBLE_QUANT_BLOCK
     centered = torch.nn.functional.pad(centered, (0, pad))
     spec = QuantSpec.per_group(bits=8, group_size=DOUBLE_QUANT_BLOCK, symmetric=True)
-    scale_q = quantize(centered, spec)
+    scale_q = quantize_rtn(centered, spec)
     recon = (scale_q.dequantize(torch.float32)[: flat.numel()] + offset).reshape(scale.shape)
     return scale_q, offset.reshape(1), recon
 

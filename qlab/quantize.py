@@ -1,385 +1,60 @@
-"""Affine (integer) quantization: the core every other method builds on.
+"""The quantization API: :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`.
 
-One formula covers every integer scheme in qlab::
+One entry point for every spec: integer specs go to round-to-nearest (:mod:`qlab.affine`,
+``x ≈ scale * (q - zero)``), codebook specs (``codebook="nf4"``/``"fp4"``) to :mod:`qlab.codebooks`
+(``x ≈ scale * table[q]``). Both return the same :class:`~qlab.tensor.QuantizedTensor`.
 
-    x ≈ scale * (q - zero)
+This is the top of qlab's core. The layers below it, bottom first:
 
-* ``q`` are integer codes. Asymmetric specs use unsigned codes ``q ∈ [0, 2^b - 1]`` with a
-  zero-point ``zero`` (stored as a float tensor holding an integer after round-to-nearest, so
-  that 0.0 is represented exactly; HQQ may later move it off the integers).
-* Symmetric specs use signed codes ``q ∈ [-(2^(b-1) - 1), 2^(b-1) - 1]`` (the *restricted*
-  range: -128 is never used, so the grid is symmetric about 0) and ``zero = 0`` (not stored).
+* :mod:`qlab.tensor`: :class:`QuantSpec` (bits, symmetric, one *block size* for per-tensor /
+  per-channel / per-group), :class:`BlockView`, :class:`QuantizedTensor`, input checks;
+* :mod:`qlab.affine`: scales, zero-points and codes by round-to-nearest;
+* :mod:`qlab.codebooks`: NF4 / FP4 lookup quantization and QLoRA double quantization.
 
-Granularity is one idea, a *block size* (as in torchao): every block of ``block_size`` elements
-shares one scale (and zero). For a weight of shape ``[out, in]``:
-
-* per-tensor:  ``block_size = (out, in)``  -> one scale;
-* per-channel: ``block_size = (1, in)``    -> one scale per output row (``axis=0``);
-* per-group:   ``block_size = (1, g)``     -> one scale per ``g`` consecutive inputs.
-
-Codebook formats (NF4, FP4) use the same block idea with ``x ≈ scale * table[q]``; they live in
-:mod:`qlab.codebooks` and return the same :class:`QuantizedTensor`.
+Their public names are re-exported here, so ``from qlab.quantize import QuantSpec, compute_scale_zero``
+keeps working.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-from typing import Literal
-
 import torch
 
-Granularity = Literal["tensor", "channel", "group"]
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from qlab.affine import compute_scale_zero, quantize_affine, quantize_rows_int8, quantize_rtn
+from qlab.codebooks import quantize_codebook
+from qlab.tensor import (
+    BlockView,
+    Granularity,
+    QuantizedTensor,
+    QuantSpec,
+    check_finite_extrema,
+    check_float_tensor,
+    per_group,
+)
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize a tensor.
-
-    Args:
-        bits: code width, 1..8 (symmetric needs at least 2).
-        symmetric: signed codes and no zero-point (True), or unsigned codes with a zero-point.
-        granularity: ``"tensor"``, ``"channel"`` (one scale per slice along ``axis``) or
-            ``"group"`` (one scale per ``group_size`` consecutive elements of the last dim).
-        axis: the channel axis for ``granularity="channel"`` (0 = output rows of a Linear weight).
-        group_size: elements per group for ``granularity="group"``; must divide the last dim.
-        scale_dtype: dtype the scales (and zeros) are stored in.
-        codebook: ``None`` for affine integers, or ``"nf4"`` / ``"fp4"`` (see :mod:`qlab.codebooks`).
-        double_quant: codebooks only: quantize the block scales to 8 bits (QLoRA).
-    """
-
-    bits: int = 8
-    symmetric: bool = True
-    granularity: Granularity = "channel"
-    axis: int = 0
-    group_size: int | None = None
-    scale_dtype: torch.dtype = torch.float32
-    codebook: str | None = None
-    double_quant: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
-        if self.granularity not in ("tensor", "channel", "group"):
-            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {self.granularity!r}")
-        if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(
-                    f"group_size must be a positive integer for granularity='group', got {self.group_size!r}"
-                )
-        elif self.group_size is not None:
-            raise ValueError(
-                f"group_size is only used with granularity='group' (got group_size={self.group_size} "
-                f"with granularity={self.granularity!r})"
-            )
-        if self.scale_dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"scale_dtype must be a float dtype, got {self.scale_dtype}")
-        if self.codebook is not None:
-            if self.codebook not in ("nf4", "fp4"):
-                raise ValueError(f"codebook must be None, 'nf4' or 'fp4', got {self.codebook!r}")
-            if self.bits != 4:
-                raise ValueError(f"codebook {self.codebook!r} is a 4-bit format, got bits={self.bits}")
-        elif self.double_quant:
-            raise ValueError("double_quant applies to codebook formats (nf4/fp4) only")
-        if self.symmetric and self.bits < 2 and self.codebook is None:
-            raise ValueError("symmetric quantization needs bits >= 2 (1-bit codes have no signed range)")
-
-    # Convenience constructors, named for what a reader wants.
-    @classmethod
-    def per_tensor(cls, bits: int = 8, symmetric: bool = True, **kw) -> QuantSpec:
-        return cls(bits=bits, symmetric=symmetric, granularity="tensor", **kw)
-
-    @classmethod
-    def per_channel(cls, bits: int = 8, symmetric: bool = True, axis: int = 0, **kw) -> QuantSpec:
-        return cls(bits=bits, symmetric=symmetric, granularity="channel", axis=axis, **kw)
-
-    @classmethod
-    def per_group(cls, bits: int = 4, group_size: int = 128, symmetric: bool = False, **kw) -> QuantSpec:
-        return cls(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size, **kw)
-
-    @property
-    def qmin(self) -> int:
-        """Smallest integer code."""
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        """Largest integer code."""
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    @property
-    def code_dtype(self) -> torch.dtype:
-        return torch.int8 if self.symmetric and self.codebook is None else torch.uint8
-
-    def block_size(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
-        """Elements of each dim that share one scale, for a tensor of ``shape``."""
-        shape = tuple(shape)
-        if len(shape) == 0:
-            return ()
-        if self.granularity == "tensor":
-            return shape
-        if self.granularity == "channel":
-            axis = self.axis if self.axis >= 0 else self.axis + len(shape)
-            if not 0 <= axis < len(shape):
-                raise ValueError(f"axis={self.axis} is out of range for a tensor with {len(shape)} dims")
-            return tuple(1 if d == axis else n for d, n in enumerate(shape))
-        g = self.group_size
-        assert g is not None
-        if shape[-1] % g != 0:
-            raise ValueError(
-                f"group_size={g} must divide the last dimension ({shape[-1]}); qlab does not pad groups"
-            )
-        return (1,) * (len(shape) - 1) + (g,)
-
-    def describe(self) -> str:
-        """Short human label, e.g. ``int4 asym g128`` or ``nf4 b64``."""
-        if self.codebook:
-            label = f"{self.codebook} b{self.group_size}"
-            return label + (" dq" if self.double_quant else "")
-        kind = "sym" if self.symmetric else "asym"
-        gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
-        return f"int{self.bits} {kind} {gran}"
-
-
-class BlockView:
-    """A reshaped view of a tensor where each block's elements sit on ``reduce_dims``.
-
-    The blocked shape ``[s0/b0, b0, s1/b1, b1, ...]`` is compacted (size-1 axes dropped, adjacent
-    axes of the same kind merged) because reductions over a few contiguous dims are several times
-    faster in torch than over many strided ones. ``scale_shape`` is how per-block tensors of the
-    canonical shape ``[s0/b0, s1/b1, ...]`` broadcast against the view.
-    """
-
-    def __init__(self, shape: tuple[int, ...], block: tuple[int, ...]) -> None:
-        self.shape = shape
-        self.scales = tuple(n // b for n, b in zip(shape, block, strict=True))
-        view: list[int] = []
-        kinds: list[bool] = []  # True = block axis (reduced), False = count axis
-        for n, b in zip(shape, block, strict=True):
-            for size, is_block in ((n // b, False), (b, True)):
-                if size == 1:
-                    continue
-                if kinds and kinds[-1] == is_block:
-                    view[-1] *= size
-                else:
-                    view.append(size)
-                    kinds.append(is_block)
-        if True not in kinds:  # every block is one element: reduce over a trailing unit axis
-            view.append(1)
-            kinds.append(True)
-        self.view = tuple(view)
-        self.reduce_dims = tuple(i for i, k in enumerate(kinds) if k)
-        self.scale_shape = tuple(1 if k else n for n, k in zip(view, kinds, strict=True))
-
-    def of(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(self.view)
-
-    def per_block(self, t: torch.Tensor) -> torch.Tensor:
-        """A per-block tensor (canonical shape) reshaped to broadcast against :meth:`of`."""
-        return t.reshape(self.scale_shape)
-
-    def reduce(self, xv: torch.Tensor, op: str) -> torch.Tensor:
-        r = xv.amax(dim=self.reduce_dims) if op == "max" else xv.amin(dim=self.reduce_dims)
-        return r.reshape(self.scales)
-
-
-def _round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast scales to ``dtype`` rounding *up*, so the stored scale still covers the block's range."""
-    s = scale.to(dtype)
-    low = s.float() < scale
-    if low.any():
-        bumped = torch.nextafter(s.float(), torch.full_like(scale, math.inf)).to(dtype)
-        # nextafter in fp32 may round back down to the same low-precision value; step by one ulp of dtype.
-        ulp = torch.finfo(dtype).eps * s.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        bumped = torch.where(bumped.float() < scale, (s.float() + ulp).to(dtype), bumped)
-        s = torch.where(low, bumped, s)
-    if not torch.isfinite(s).all():
-        raise ValueError(f"scales overflow scale_dtype={dtype}; use a wider scale_dtype")
-    return s
-
-
-def check_float_tensor(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> None:
-    """Raise a ValueError/TypeError naming ``name`` unless ``x`` is a finite, non-empty float tensor.
-
-    ``finite=False`` skips the finiteness pass for callers that check block extrema instead
-    (:func:`check_finite_extrema`), which costs nothing extra.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
-    if finite:
-        # max and min propagate NaN and expose ±Inf: two cheap reductions instead of an
-        # elementwise isfinite mask over the whole tensor.
-        check_finite_extrema(x.amin(), x.amax(), name)
-
-
-def check_finite_extrema(lo: torch.Tensor, hi: torch.Tensor, name: str = "x") -> None:
-    """Raise unless the (block) minima ``lo`` and maxima ``hi`` are finite."""
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError(f"{name} contains NaN or Inf; quantization needs finite values")
-
-
-@dataclass(eq=False)
-class QuantizedTensor:
-    """Integer codes plus the scales (and zeros) that turn them back into floats.
-
-    ``dequantize()`` computes ``scale * (codes - zero)`` block by block (or ``scale * table[codes]``
-    for codebooks). ``nbytes`` counts what storage really costs: codes packed to ``bits`` each,
-    plus scales and zeros (plus the nested scale-of-scales for double quantization).
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    spec: QuantSpec
-    shape: torch.Size
-    dtype: torch.dtype = torch.float32
-    #: Double quantization (QLoRA): the stored form of the scales, ``scale ≈ scale_q.dequantize()
-    #: + scale_offset``. ``scale`` then holds that reconstruction, kept in memory for speed;
-    #: ``nbytes`` counts ``scale_q`` and ``scale_offset`` instead of ``scale``.
-    scale_q: QuantizedTensor | None = None
-    scale_offset: torch.Tensor | None = None
-    codebook: torch.Tensor | None = field(default=None)
-
-    @property
-    def block_size(self) -> tuple[int, ...]:
-        return self.spec.block_size(self.shape)
-
-    @property
-    def bits(self) -> int:
-        return self.spec.bits
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def scales(self) -> torch.Tensor:
-        """The per-block scales in float32."""
-        return self.scale.float()
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Reconstruct the float tensor: ``scale * (q - zero)`` (or ``scale * table[q]``)."""
-        dtype = dtype or self.dtype
-        bv = BlockView(tuple(self.shape), self.block_size)
-        if self.codebook is not None:
-            values = bv.of(self.codebook.float()[self.codes.long()])
-        else:
-            values = bv.of(self.codes.float())
-        if self.zero is not None:
-            values = values - bv.per_block(self.zero.float())
-        return (values * bv.per_block(self.scales())).reshape(self.shape).to(dtype)
-
-    def unsigned_codes(self) -> torch.Tensor:
-        """Codes shifted into ``[0, 2^bits - 1]`` (uint8), the form :mod:`qlab.packing` stores.
-
-        Symmetric codes are stored offset by ``2^(bits-1)``, i.e. ``u = q + 2^(bits-1)``.
-        """
-        if self.codes.dtype == torch.int8:
-            return (self.codes.to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
-        return self.codes
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes to store this tensor: packed codes + scales + zeros (+ double-quant metadata)."""
-        n = math.ceil(self.numel() * self.bits / 8)
-        if self.scale_q is not None:
-            n += self.scale_q.nbytes
-            if self.scale_offset is not None:
-                n += self.scale_offset.numel() * self.scale_offset.element_size()
-        else:
-            n += self.scale.numel() * self.scale.element_size()
-        if self.zero is not None:
-            n += self.zero.numel() * self.zero.element_size()
-        return n
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Average storage bits per element, overhead included."""
-        return 8 * self.nbytes / self.numel()
-
-    def to(self, device: torch.device | str) -> QuantizedTensor:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            codes=self.codes.to(device),
-            scale=self.scale.to(device),
-            zero=move(self.zero),
-            scale_q=None if self.scale_q is None else self.scale_q.to(device),
-            scale_offset=move(self.scale_offset),
-            codebook=move(self.codebook),
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"QuantizedTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
-            f"bits_per_weight={self.bits_per_weight:.3f})"
-        )
-
-
-def per_group(t: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
-    """Scales or zeros of a ``[rows, in]`` weight as fp32 ``[rows, groups]``, one per row and group.
-
-    ``t`` is ``[rows or 1, groups or a divisor of it]``: a per-tensor ``[1, 1]`` or per-channel
-    ``[rows, 1]`` value is repeated over the groups it covers (the same weight, finer bookkeeping).
-    """
-    t = t.float().expand(rows, -1)
-    return t.repeat_interleave(groups // t.shape[1], dim=1)
-
-
-def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest scales (and zero-points) for every block of ``x``.
-
-    * symmetric:  ``scale = max|x| / qmax``;
-    * asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``, with the
-      block range widened to include 0 so that 0.0 stays exactly representable.
-
-    Blocks whose range is 0 get ``scale = 1`` (any scale represents all-zero blocks exactly; this
-    avoids a division by zero).
-    """
-    bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
-    xb = bv.of(x.float())
-    lo, hi = bv.reduce(xb, "min"), bv.reduce(xb, "max")
-    check_finite_extrema(lo, hi)
-    if spec.symmetric:
-        amax = torch.maximum(hi, -lo)
-        scale = amax / spec.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return _round_scale_up(scale, spec.scale_dtype), None
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = (hi - lo) / spec.qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = _round_scale_up(scale, spec.scale_dtype)
-    # + 0.0 turns -0.0 (from rounding -0/scale) into 0.0, which prints as learners expect.
-    zero = torch.round(-lo / scale.float()).clamp(0, spec.qmax) + 0.0
-    return scale, zero.to(spec.scale_dtype)
-
-
-def quantize_affine(
-    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None
-) -> torch.Tensor:
-    """Codes ``q = clamp(round(x / scale) + zero, qmin, qmax)`` for given scales (and zeros).
-
-    Rounding is half-to-even (``torch.round``). Methods that choose their own scales (HQQ, GPTQ,
-    AWQ) call this to produce codes in the shared convention.
-    """
-    bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
-    # In-place after the first op: one temporary instead of four full-size ones.
-    q = bv.of(x.float()).div(bv.per_block(scale.float()))
-    q.round_()
-    if zero is not None:
-        q.add_(bv.per_block(zero.float()))
-    return q.clamp_(spec.qmin, spec.qmax).reshape(x.shape).to(spec.code_dtype)
+__all__ = [
+    "BlockView",
+    "Granularity",
+    "QuantSpec",
+    "QuantizedTensor",
+    "check_finite_extrema",
+    "check_float_tensor",
+    "compute_scale_zero",
+    "dequantize",
+    "fake_quantize",
+    "per_group",
+    "quantize",
+    "quantize_affine",
+    "quantize_rows_int8",
+    "quantize_rtn",
+]
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec | None = None, **kwargs) -> QuantizedTensor:
-    """Quantize ``x`` by round-to-nearest: ``x ≈ scale * (q - zero)``.
+    """Quantize ``x`` by round-to-nearest: ``x ≈ scale * (q - zero)`` (or ``scale * table[q]``).
 
     ``spec`` defaults to int8 symmetric per-channel; keyword arguments build a spec instead
     (``quantize(w, bits=4, granularity="group", group_size=128, symmetric=False)``).
-    Codebook specs (``codebook="nf4"``) dispatch to :func:`qlab.codebooks.quantize_codebook`.
+    Codebook specs (``codebook="nf4"``) go to :func:`qlab.codebooks.quantize_codebook`.
     """
     if spec is None:
         spec = QuantSpec(**kwargs)
@@ -387,18 +62,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec | None = None, **kwargs) -> Quanti
         raise ValueError("pass either spec or keyword arguments, not both")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    check_float_tensor(x, finite=False)  # block extrema are checked where they are computed
     if spec.codebook is not None:
-        from qlab.codebooks import quantize_codebook  # codebooks builds on this module
-
         return quantize_codebook(x, spec)
-    scale, zero = compute_scale_zero(x, spec)
-    codes = quantize_affine(x, spec, scale, zero)
-    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, shape=x.shape, dtype=x.dtype)
+    return quantize_rtn(x, spec)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Functional form of :meth:`QuantizedTensor.dequantize`."""
+    """Functional form of :meth:`QuantizedTensor.dequantize`: ``scale * (q - zero)``."""
     return qt.dequantize(dtype)
 
 
