@@ -1,9 +1,18 @@
 """qlab: neural-network quantization, taught and tested.
 
-The core (formats, quantize, codebooks, packing, metrics, config) imports only torch and numpy.
-Everything heavier (quantized modules, I/O, real models, methods, kernels, plots, widgets) is
-imported on first use, so ``import qlab`` works without transformers, triton, matplotlib or
-ipywidgets installed.
+The layers, bottom first (a lower one never imports a higher one):
+
+1. core: ``formats``, ``packing``, ``tensor`` (QuantSpec, QuantizedTensor), ``affine``, ``codebooks``,
+   the ``quantize`` API, ``metrics``;
+2. ``methods``: HQQ, GPTQ, AWQ, SmoothQuant, and the calibrated passes over a model;
+3. ``nn``: the quantized modules and their forward dispatch;
+4. ``registry`` (one entry per method), ``config`` (QuantConfig), ``driver`` (quantize_model),
+   ``footprint``;
+5. formats and apps: ``io``, ``models``, ``evaluate``, ``compare``, ``plots``, ``widgets``, ``picker``,
+   ``cli``, ``exercises``.
+
+The core imports only torch and numpy. Everything else is imported on first use, so ``import qlab``
+works without transformers, triton, matplotlib or ipywidgets installed.
 """
 
 from __future__ import annotations
@@ -13,21 +22,31 @@ from typing import Any
 
 from qlab import codebooks, formats, metrics, packing
 from qlab.codebooks import quantize_fp4, quantize_nf4
-from qlab.config import QuantConfig
 from qlab.quantize import QuantizedTensor, QuantSpec, dequantize, fake_quantize, quantize
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported lazily on first attribute access.
 _LAZY = {
+    "QuantConfig": "qlab.config",
     "QuantLinear": "qlab.nn",
-    "quantize_model": "qlab.nn",
-    "dequantize_model": "qlab.nn",
+    "Int8Linear": "qlab.nn",
+    "quantize_model": "qlab.driver",
+    "quantize_layer": "qlab.driver",
+    "dequantize_model": "qlab.driver",
+    "memory_footprint": "qlab.footprint",
     "save_quantized": "qlab.io",
     "load_quantized": "qlab.io",
 }
 _SUBMODULES = {
+    "tensor",
+    "affine",
     "nn",
+    "registry",
+    "config",
+    "driver",
+    "footprint",
+    "compare",
     "io",
     "models",
     "evaluate",
@@ -42,7 +61,6 @@ _SUBMODULES = {
 }
 
 __all__ = [
-    "QuantConfig",
     "QuantSpec",
     "QuantizedTensor",
     "codebooks",

@@ -16,6 +16,7 @@ import torch
 
 from qlab.tensor import BlockView, QuantizedTensor, QuantSpec, check_finite_extrema, check_float_tensor
 
+
 def round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast scales to ``dtype`` rounding *up*, so the stored scale still covers the block's range."""
     s = scale.to(dtype)
@@ -74,7 +75,6 @@ def quantize_affine(
     if zero is not None:
         q.add_(bv.per_block(zero.float()))
     return q.clamp_(spec.qmin, spec.qmax).reshape(x.shape).to(spec.code_dtype)
-
 
 
 def quantize_rtn(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

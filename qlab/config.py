@@ -1,5 +1,5 @@
-"""What to quantize in a model, and how: the one config that ``quantize_model``, the methods and
-the CLI share."""
+"""What to quantize in a model, and how: the one config that ``quantize_model``, the transformers
+backend and the CLI share. Its method facts (bits allowed, kwargs, spec) come from :mod:`qlab.registry`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
+from torch import nn
 
-from qlab.quantize import QuantSpec
+from qlab.registry import METHOD_NAMES, Method, get_method
+from qlab.tensor import QuantSpec
 
-#: Method names ``quantize_model`` understands.
-METHODS = ("rtn", "nf4", "fp4", "fp8", "w8a8", "hqq", "gptq", "awq", "smoothquant", "llm_int8")
+#: Method names ``quantize_model`` understands (the keys of :data:`qlab.registry.METHODS`).
+METHODS = METHOD_NAMES
 
 
 @dataclass
@@ -38,12 +39,25 @@ class QuantConfig:
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method in ("nf4", "fp4") and self.bits != 4:
-            raise ValueError(f"method {self.method!r} is 4-bit; got bits={self.bits}")
-        if self.method in ("fp8", "w8a8", "smoothquant", "llm_int8") and self.bits != 8:
-            raise ValueError(f"method {self.method!r} is 8-bit; got bits={self.bits}")
+        m = get_method(self.method)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in m.bits:
+            if len(m.bits) == 1:
+                allowed = f"bits={m.bits[0]}"
+            else:
+                allowed = f"bits must be an integer in {m.bits[0]}..{m.bits[-1]}"
+            raise ValueError(f"bits: method {self.method!r} takes {allowed}, got {self.bits!r}")
+        if self.symmetric and not m.allows_symmetric:
+            raise ValueError(f"symmetric: method {self.method!r} needs asymmetric codes (a zero-point)")
+        if not isinstance(self.method_kwargs, dict):
+            raise TypeError(f"method_kwargs must be a dict, got {type(self.method_kwargs).__name__}")
+        unknown = set(self.method_kwargs) - m.kwargs
+        if unknown:
+            raise ValueError(
+                f"method_kwargs: {sorted(unknown)} not understood by {self.method!r}; "
+                f"it accepts {sorted(m.kwargs) or 'none'}"
+            )
+        if isinstance(self.skip, str):
+            raise TypeError(f"skip must be a sequence of glob patterns, got the string {self.skip!r}")
         if not isinstance(self.skip, tuple):
             self.skip = tuple(self.skip)
         # Validates bits/group_size early, with the QuantSpec's own error messages.
@@ -60,16 +74,24 @@ class QuantConfig:
                 cfg = QuantConfig(**{**asdict(cfg), "overrides": {}, **changes})
         return cfg
 
+    @property
+    def entry(self) -> Method:
+        """The method's registry entry."""
+        return get_method(self.method)
+
     def spec(self) -> QuantSpec:
         """The weight :class:`QuantSpec` for this config (codebook specs for nf4/fp4)."""
-        if self.method in ("nf4", "fp4"):
-            from qlab.codebooks import DEFAULT_BLOCK_SIZE, codebook_spec
+        return self.entry.spec(self.bits, self.group_size, self.symmetric)
 
-            return codebook_spec(self.method, self.group_size or DEFAULT_BLOCK_SIZE)
-        symmetric = self.symmetric if self.symmetric is not None else self.bits == 8
-        if self.group_size is None:
-            return QuantSpec.per_channel(self.bits, symmetric=symmetric, axis=0)
-        return QuantSpec.per_group(self.bits, self.group_size, symmetric=symmetric)
+    def build_layer(self, linear: nn.Module, name: str = "") -> nn.Module:
+        """Quantize one linear layer with a data-free method (its overrides for ``name`` applied)."""
+        cfg = self.for_module(name) if name else self
+        m = cfg.entry
+        if m.build is None:
+            raise ValueError(
+                f"method {cfg.method!r} needs the whole model and calibration data: use qlab.quantize_model"
+            )
+        return m.build(linear, cfg.spec(), cfg.method_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "skip": list(self.skip)}
@@ -81,7 +103,3 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**{**d, "skip": tuple(d.get("skip", ("lm_head", "*embed*")))})
-
-
-def describe_dtype(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

@@ -34,89 +34,28 @@ import torch
 from torch import nn
 
 from qlab.config import QuantConfig
-from qlab.nn import QuantLinear
-from qlab.quantize import QuantizedTensor, QuantSpec
+from qlab.nn import LAYER_TYPES
+from qlab.tensor import dtype_name, parse_dtype
 
 #: Version this qlab writes; files with a larger version are refused.
 FORMAT_VERSION = 1
 FORMAT_NAME = "qlab-quantized"
 _META_KEY = "qlab"
 
-_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float64,
-        torch.float8_e4m3fn,
-        torch.uint8,
-        torch.int8,
-        torch.int32,
-        torch.int64,
-        torch.bool,
-    )
-}
-
 
 class QuantizedFileError(ValueError):
     """A quantized model file that cannot be loaded, with the reason."""
 
 
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
-
-
 def _parse_dtype(name: Any, what: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise QuantizedFileError(f"{what}: unknown dtype {name!r}")
-    return _DTYPES[name]
-
-
-def spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
-    return {
-        "bits": spec.bits,
-        "symmetric": spec.symmetric,
-        "granularity": spec.granularity,
-        "axis": spec.axis,
-        "group_size": spec.group_size,
-        "scale_dtype": _dtype_name(spec.scale_dtype),
-        "codebook": spec.codebook,
-        "double_quant": spec.double_quant,
-    }
-
-
-def spec_from_dict(d: dict[str, Any], what: str = "spec") -> QuantSpec:
     try:
-        return QuantSpec(**{**d, "scale_dtype": _parse_dtype(d.get("scale_dtype"), f"{what}.scale_dtype")})
-    except (TypeError, ValueError) as err:
-        raise QuantizedFileError(f"{what}: invalid quantization spec {d!r}: {err}") from err
+        return parse_dtype(name, what)
+    except ValueError as err:
+        raise QuantizedFileError(str(err)) from err
 
 
-def _layer_entry(mod: nn.Module) -> dict[str, Any]:
-    if isinstance(mod, QuantLinear):
-        return {
-            "type": "QuantLinear",
-            "in_features": mod.in_features,
-            "out_features": mod.out_features,
-            "mode": mod.mode,
-            "spec": spec_to_dict(mod.spec),
-            "weight_dtype": _dtype_name(mod.weight_dtype),
-            "bias": mod.bias is not None,
-            "input_scale": mod.input_scale is not None,
-        }
-    return {  # qlab.methods.llm_int8.Int8Linear (SmoothQuant, LLM.int8)
-        "type": "Int8Linear",
-        "in_features": mod.in_features,
-        "out_features": mod.out_features,
-        "threshold": mod.threshold,
-        "bias": mod.bias is not None,
-        "input_scale": mod.input_scale is not None,
-    }
-
-
-def _is_int8linear(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Int8Linear" and type(mod).__module__ == "qlab.methods.llm_int8"
+def _is_quantized(mod: nn.Module) -> bool:
+    return isinstance(mod, tuple(LAYER_TYPES.values()))
 
 
 def save_quantized(
@@ -128,7 +67,7 @@ def save_quantized(
 ) -> Path:
     """Write ``model`` (quantized layers and float rest) to one ``.safetensors`` file; return its path.
 
-    ``config`` (default: the one :func:`qlab.nn.quantize_model` recorded on the model) and
+    ``config`` (default: the one :func:`qlab.quantize_model` recorded on the model) and
     ``model_name`` (a :mod:`qlab.models` name, for the CLI) are stored in the JSON metadata. A
     transformers model also stores its class name and config so that :func:`load_quantized` can
     rebuild it without a factory.
@@ -138,9 +77,9 @@ def save_quantized(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {
-        n: _layer_entry(m)
+        n: m.layer_config()
         for n, m in model.named_modules(remove_duplicate=False)  # a shared layer is listed under each name
-        if isinstance(m, QuantLinear) or _is_int8linear(m)
+        if _is_quantized(m)
     }
     if config is None:
         config = getattr(model, "qlab_config", None)
@@ -163,8 +102,8 @@ def save_quantized(
     for name, buf in model.named_buffers():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        if name in state or (isinstance(owner, QuantLinear) and leaf == "codebook"):
-            continue  # in the state dict already, or derived from the spec
+        if name in state or (_is_quantized(owner) and leaf in owner._non_persistent_buffers_set):
+            continue  # in the state dict already, or derived from the layer's spec
         tensors[name] = buf.detach().cpu().contiguous()
         extra.append(name)
     meta: dict[str, Any] = {
@@ -226,39 +165,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _skeleton_layer(name: str, entry: dict[str, Any]) -> nn.Module:
+    cls = LAYER_TYPES.get(entry.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise QuantizedFileError(
+            f"layer {name}: unknown layer type {entry.get('type')!r}; expected one of {sorted(LAYER_TYPES)}"
+        )
     try:
-        kind = entry["type"]
-        n_in, n_out = entry["in_features"], entry["out_features"]
-        if kind == "QuantLinear":
-            return QuantLinear(
-                n_in,
-                n_out,
-                spec_from_dict(entry["spec"], f"layer {name}"),
-                mode=entry["mode"],
-                bias=bool(entry["bias"]),
-                input_scale=bool(entry["input_scale"]),
-                weight_dtype=_parse_dtype(entry["weight_dtype"], f"layer {name}.weight_dtype"),
-                device="meta",
-            )
-        if kind == "Int8Linear":
-            from qlab.methods.llm_int8 import Int8Linear
-
-            spec = QuantSpec.per_channel(8, symmetric=True)
-            qt = QuantizedTensor(
-                codes=torch.empty(n_out, n_in, dtype=torch.int8, device="meta"),
-                scale=torch.empty(n_out, 1, device="meta"),
-                zero=None,
-                spec=spec,
-                shape=torch.Size((n_out, n_in)),
-            )
-            bias = torch.empty(n_out, device="meta") if entry["bias"] else None
-            scale = torch.empty(n_in, device="meta") if entry["input_scale"] else None
-            return Int8Linear(qt, bias, threshold=entry["threshold"], input_scale=scale)
-    except QuantizedFileError:
-        raise
+        return cls.from_layer_config(entry, device="meta")  # type: ignore[attr-defined]
     except (KeyError, TypeError, ValueError) as err:
         raise QuantizedFileError(f"layer {name}: invalid layer description {entry!r}: {err}") from err
-    raise QuantizedFileError(f"layer {name}: unknown layer type {entry.get('type')!r}")
 
 
 def _factory_from_metadata(meta: dict[str, Any]) -> Callable[[], nn.Module]:
@@ -353,8 +268,8 @@ def load_quantized(
                     want = expected[k]
                     if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
                         raise QuantizedFileError(
-                            f"{path}: tensor {k!r} has shape {list(t.shape)} {_dtype_name(t.dtype)}, "
-                            f"the model expects {list(want.shape)} {_dtype_name(want.dtype)}"
+                            f"{path}: tensor {k!r} has shape {list(t.shape)} {dtype_name(t.dtype)}, "
+                            f"the model expects {list(want.shape)} {dtype_name(want.dtype)}"
                         )
                 loaded[k] = t
     except QuantizedFileError:
@@ -378,11 +293,13 @@ def load_quantized(
     # Re-tie tensors the model shares (assign=True replaced them one by one).
     for name, target in aliases.items():
         _set_tensor(model, name, _get_tensor(model, target))
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.spec.codebook is not None:
-            from qlab.codebooks import codebook_table
-
-            mod.codebook = codebook_table(mod.spec.codebook).to(mod.qweight.device)
+    for name, mod in model.named_modules():
+        if _is_quantized(mod):
+            mod.after_load()
+            try:
+                mod.check_finite(name)
+            except ValueError as err:
+                raise QuantizedFileError(f"{path}: {err}") from err
     leftover = [
         n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"
     ]

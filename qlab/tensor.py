@@ -63,6 +63,7 @@ def parse_dtype(name: Any, what: str = "dtype") -> torch.dtype:
         raise ValueError(f"{what}: unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize a tensor.
@@ -171,7 +172,6 @@ class QuantSpec:
         gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         return f"int{self.bits} {kind} {gran}"
 
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (the scale dtype by name), for files and configs."""
         return {
@@ -195,7 +195,6 @@ class QuantSpec:
             return cls(**fields)
         except TypeError as err:  # an unknown field name
             raise ValueError(f"invalid QuantSpec fields {sorted(d)}: {err}") from err
-
 
 
 class BlockView:
@@ -238,7 +237,6 @@ class BlockView:
     def reduce(self, xv: torch.Tensor, op: str) -> torch.Tensor:
         r = xv.amax(dim=self.reduce_dims) if op == "max" else xv.amin(dim=self.reduce_dims)
         return r.reshape(self.scales)
-
 
 
 def check_float_tensor(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> None:
@@ -377,4 +375,3 @@ def check_finite(t: torch.Tensor, name: str) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {bad} NaN/Inf value(s); the stored quantization data is corrupt")
-

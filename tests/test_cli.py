@@ -9,7 +9,7 @@ from torch import nn
 from qlab import cli
 from qlab.config import QuantConfig
 from qlab.io import save_quantized
-from qlab.nn import quantize_model
+from qlab.driver import quantize_model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

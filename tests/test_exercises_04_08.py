@@ -11,7 +11,7 @@ from qlab.config import QuantConfig
 from qlab.exercises import lesson04 as L4
 from qlab.exercises import lesson08 as L8
 from qlab.io import load_quantized, save_quantized
-from qlab.nn import quantize_model
+from qlab.driver import quantize_model
 
 
 @pytest.fixture

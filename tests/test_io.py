@@ -11,7 +11,8 @@ from torch import nn
 
 from qlab.config import QuantConfig
 from qlab.io import FORMAT_VERSION, QuantizedFileError, load_quantized, read_metadata, save_quantized
-from qlab.nn import QuantLinear, quantize_model
+from qlab.driver import quantize_model
+from qlab.nn import QuantLinear
 
 K = 128
 
@@ -172,8 +173,24 @@ def test_tampered_qlab_metadata(saved):
 def test_tampered_spec(saved):
     _, path = saved
     _edit_qlab_meta(path, lambda m: m["layers"]["a"]["spec"].update(bits=11))
-    with pytest.raises(QuantizedFileError, match="layer a: invalid quantization spec"):
+    with pytest.raises(QuantizedFileError, match=r"layer a: invalid layer description.*bits must be an integer"):
         load_quantized(path, Net)
+
+
+@pytest.mark.parametrize("tensor", ["a.scale", "a.zero"])
+def test_non_finite_stored_scale_is_refused(saved, tmp_path, tensor):
+    """A NaN planted in a stored scale or zero-point would make every output of the layer NaN."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    tensors = load_file(str(path))
+    meta = read_metadata(path)
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor].view(-1)[3] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata={"qlab": json.dumps(meta)})
+    with pytest.raises(QuantizedFileError, match=rf"{tensor} holds 1 NaN/Inf value"):
+        load_quantized(bad, Net)
 
 
 def test_missing_tensor(saved):

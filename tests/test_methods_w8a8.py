@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlab.methods.llm_int8 import Int8Linear, outlier_features
+from qlab.nn import Int8Linear, outlier_features
 from qlab.methods.smoothquant import smooth_scales
 
 

@@ -1,4 +1,4 @@
-"""QuantLinear, forward dispatch parity, quantize_model / dequantize_model / memory_footprint."""
+"""QuantLinear and its forward dispatch: every path against the reference, storage, bad inputs."""
 
 from __future__ import annotations
 
@@ -17,15 +17,13 @@ from qlab.nn import (
     CPU_TILED_MIN_ROWS,
     CPU_W8A8_DOT_MAX_ROWS,
     FAST_PATH_RTOL,
+    PATH_TABLE,
+    PATHS,
     QuantLinear,
-    _cpu_kernels,
-    dequantize_model,
-    memory_footprint,
-    quant_linears,
-    quantize_model,
     select_path,
     use_path,
 )
+from qlab.nn.dispatch import _cpu_kernels
 from qlab.quantize import QuantSpec, quantize
 
 K, N = 256, 64
@@ -33,19 +31,19 @@ K, N = 256, 64
 # config -> the CPU paths it must take: (decode, prefill) with qlab's C kernels, and the path
 # without them (no compiler). The dequantize-then-matmul reference is never the default.
 SETTINGS = {
-    "w8 per-channel": (QuantConfig("rtn", 8, None), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "w8 sym g64": (QuantConfig("rtn", 8, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "w4 g128": (QuantConfig("rtn", 4, 128), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "w4 g32": (QuantConfig("rtn", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "int4"),
-    "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_int8dot", "cpu_tiled"), "int8"),
-    "fp8": (QuantConfig("fp8", 8, None), ("cpu_gemv", "cpu_tiled"), "fp8_bf16"),
-    "w8a8": (QuantConfig("w8a8", 8, None), ("cpu_int8dot", "int_mm"), "int_mm"),
+    "w8 per-channel": (QuantConfig("rtn", 8, None), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
+    "w8 sym g64": (QuantConfig("rtn", 8, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
+    "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
+    "w4 g128": (QuantConfig("rtn", 4, 128), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w4 g32": (QuantConfig("rtn", 4, 32), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "nf4 b64": (QuantConfig("nf4", 4, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
+    "fp4 b32": (QuantConfig("fp4", 4, 32), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
+    "fp8": (QuantConfig("fp8", 8, None), ("cpu_gemv", "cpu_tiled"), "torch_fp8_bf16"),
+    "w8a8": (QuantConfig("w8a8", 8, None), ("cpu_int8dot", "torch_int_mm"), "torch_int_mm"),
 }
 HAS_CPU_KERNELS = _cpu_kernels() is not None
 
@@ -99,6 +97,38 @@ def test_fast_path_matches_reference(layers, name, dtype, shape):
     assert rel_err(y, ref) < FAST_PATH_RTOL
 
 
+#: Paths that run on a CPU tensor when the machine offers them (triton needs CUDA).
+CPU_PATHS = [p for p in PATHS if p not in ("reference", "triton")]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("rows", [1, 16])
+def test_every_path_matches_reference_when_forced(layers, name, path, rows):
+    """Each path, forced by name, on every layer it fits: the torch fallbacks get a numerical check
+    on machines with a C compiler too, and the C kernels at both shapes whatever the thresholds."""
+    layer = layers[name]
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        with use_path("reference"):
+            ref = layer(x)
+        if not PATH_TABLE[path].fits(layer, x):
+            with pytest.raises(ValueError, match=f"use_path\\('{path}'\\) cannot run"), use_path(path):
+                layer(x)
+            return
+        with use_path(path):
+            assert select_path(layer, x) == path
+            y = layer(x)
+    assert rel_err(y, ref) < FAST_PATH_RTOL
+
+
+def test_every_torch_fallback_fits_some_layer(layers):
+    """The fallbacks a machine without a C compiler runs are each exercised by the test above."""
+    x = torch.randn(1, K)
+    for path in ("torch_int4", "torch_int8", "torch_int_mm", "torch_fp8_bf16"):
+        assert any(PATH_TABLE[path].fits(layer, x) for layer in layers.values()), path
+
+
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="qlab's CPU kernels are not built here")
 @pytest.mark.parametrize("config", [QuantConfig("nf4", 4, 64), QuantConfig("rtn", 4, 64)])
 def test_rows_not_multiple_of_16_use_the_other_decode_kernels(config):
@@ -117,7 +147,7 @@ def test_rows_not_multiple_of_16_use_the_other_decode_kernels(config):
 
 @pytest.mark.parametrize("name", ["w4 g128", "nf4 b64", "w8a8"])
 def test_no_grad_and_inference_mode_agree(layers, name):
-    x = torch.randn(5, K)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         a = layers[name](x)
     with torch.inference_mode():
@@ -291,94 +321,9 @@ def test_bad_inputs(linear, layers):
     with pytest.raises(ValueError, match="path must be"):
         with use_path("fast"):
             pass
-
-
-# ------------------------------------------------------------------------------------------------
-# Whole models
-# ------------------------------------------------------------------------------------------------
-class Toy(nn.Module):
-    def __init__(self, tie: bool = True) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, K)
-        self.fc1 = nn.Linear(K, K)
-        self.fc2 = nn.Linear(K, K)
-        self.fc2b = nn.Linear(K, K)
-        self.fc2b.weight = self.fc2.weight  # two linears sharing one weight
-        self.lm_head = nn.Linear(K, 50, bias=False)
-        if tie:
-            self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        h = self.fc2(torch.relu(self.fc1(h))) + self.fc2b(h)
-        return self.lm_head(h)
-
-
-def test_quantize_model_skip_overrides_and_ties():
-    torch.manual_seed(0)
-    model = Toy()
-    ids = torch.randint(0, 50, (2, 5))
-    with torch.no_grad():
-        ref = model(ids)
-    cfg = QuantConfig("rtn", 4, 64, skip=(), overrides={"fc1": {"bits": 8, "group_size": None}})
-    with pytest.warns(UserWarning, match="lm_head shares its weight with embed.weight"):
-        quantize_model(model, cfg, progress=False)
-    q = quant_linears(model)
-    assert set(q) == {"fc1", "fc2", "fc2b"}
-    assert isinstance(model.lm_head, nn.Linear)  # tied to the float embedding: left alone
-    assert model.fc2 is model.fc2b  # shared weight -> one quantized layer
-    assert q["fc1"].spec.bits == 8 and q["fc2"].spec.bits == 4
-    with torch.no_grad():
-        y = model(ids)
-    assert 0.9 < 1 - rel_err(y, ref)
-    assert model.qlab_config is cfg
-
-
-def test_quantize_model_default_skips_lm_head_and_dequantize_model_inverts():
-    torch.manual_seed(0)
-    model = Toy(tie=False)
-    ids = torch.randint(0, 50, (2, 5))
-    quantize_model(model, QuantConfig("nf4", 4, 64), progress=False)
-    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.fc1, QuantLinear)
-    with torch.no_grad(), use_path("reference"):
-        yq = model(ids)
-    fp = memory_footprint(model)
-    assert fp.total_now < fp.total_float
-    row = next(r for r in fp.rows if r.kind == "QuantLinear")
-    assert row.count == 2  # fc2 and fc2b are one module
-    assert row.bytes_float == 2 * (K * K * 4 + K * 4)
-    dequantize_model(model)
-    assert not quant_linears(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), yq, rtol=1e-5, atol=1e-5)
-
-
-def test_quantize_model_conv1d_and_errors():
-    transformers = pytest.importorskip("transformers")
-    model = nn.Sequential(
-        transformers.pytorch_utils.Conv1D(K, K), nn.ReLU(), transformers.pytorch_utils.Conv1D(N, K)
-    )
-    quantize_model(model, QuantConfig("rtn", 4, 128), progress=False)
-    assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
-    with pytest.raises(TypeError, match="config"):
-        quantize_model(model, {"method": "rtn"})
-    with pytest.raises(TypeError, match="model"):
-        quantize_model("not a model", QuantConfig())
-
-
-def test_quantize_model_delegates_other_methods():
-    torch.manual_seed(0)
-    model = Toy(tie=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_model(model, QuantConfig("hqq", 4, 64), progress=False)
-    assert isinstance(model.fc1, QuantLinear)
-    assert math.isfinite(model(torch.randint(0, 50, (1, 3))).sum().item())
-
-
-def test_group_size_that_does_not_divide_falls_back_with_a_warning():
-    model = nn.Sequential(nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 8))  # 192 = 1.5 * 128
-    with pytest.warns(UserWarning, match=r"group_size=64 \(in_features=192\)"):
-        quantize_model(model, QuantConfig("rtn", 4, 128), progress=False)
-    assert model[0].spec.group_size == 64  # 192 = 3 * 64
-    assert model[2].spec.group_size == 64  # a group larger than the row: one group per row
+    with pytest.raises(ValueError, match="path must be"), use_path("int4"):  # renamed: torch_int4
+        pass
+    with pytest.raises(TypeError, match="QuantSpec or a QuantConfig"):
+        QuantLinear.from_linear(linear, "rtn")
+    with pytest.raises(ValueError, match="builds a Int8Linear"):
+        QuantLinear.from_linear(linear, QuantConfig("llm_int8", 8, None))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qlab.exercises import CheckResult, report
-from qlab.methods.hqq import _zero_steps
+from qlab.methods.hqq import hqq_zero_update
 
 
 def _tensor(t: object, name: str) -> torch.Tensor:
@@ -40,8 +40,7 @@ def check_hqq_zero_step(
         new_zero = float(new_zero)
     if isinstance(new_zero, bool) or not isinstance(new_zero, (int, float)):
         raise TypeError(f"new_zero must be a number, got {type(new_zero).__name__}")
-    s = torch.tensor([[float(scale)]])
-    ref = float(_zero_steps(w / s, s, torch.tensor([[float(zero)]]), 3, 0.7, 1, 10.0, 1.01))
+    ref = float(hqq_zero_update(w, float(scale), float(zero), bits=2))
     ok = abs(new_zero - ref) <= 1e-5 * max(1.0, abs(ref))
     hint = (
         "codes first: q = clamp(round(w / scale + zero), 0, 3); then the zero that makes the mean "

@@ -3,33 +3,31 @@
 * :mod:`~qlab.methods.hqq`: half-quadratic zero-point (and scale) optimization, no data;
 * :mod:`~qlab.methods.gptq`: Hessian-guided error feedback from calibration inputs;
 * :mod:`~qlab.methods.awq`: activation-aware per-channel scaling, then group-wise quantization;
-* :mod:`~qlab.methods.smoothquant` and :mod:`~qlab.methods.llm_int8`: W8A8 with activation outliers.
+* :mod:`~qlab.methods.smoothquant`: migrate activation outliers into the weights for W8A8;
+* :mod:`~qlab.methods.passes`: the calibrated methods' block-by-block passes over a whole model.
 
-Each weight-level function returns the same :class:`~qlab.quantize.QuantizedTensor` as RTN;
-:func:`quantize_model_with` applies a method to every linear layer of a model, and
-:func:`compare_methods` builds the comparison table on a real model.
+Each weight-level function returns the same :class:`~qlab.tensor.QuantizedTensor` as RTN. Methods
+build no layers and know no config: the model driver (:func:`qlab.quantize_model`) reads the method
+registry (:mod:`qlab.registry`) and installs the layers.
 """
 
-from qlab.methods.apply import MODEL_METHODS, QuantizationResult, quantize_model_with
 from qlab.methods.awq import AWQResult, awq_quantize, awq_search, clip_quantize
-from qlab.methods.compare import compare_methods, format_table
 from qlab.methods.gptq import gptq_quantize
-from qlab.methods.hqq import hqq_quantize
-from qlab.methods.llm_int8 import Int8Linear
+from qlab.methods.hqq import hqq_quantize, hqq_zero_update
+from qlab.methods.passes import QuantizationResult, awq_pass, gptq_pass, smoothquant_pass
 from qlab.methods.smoothquant import smooth_scales
 
 __all__ = [
-    "MODEL_METHODS",
     "AWQResult",
-    "Int8Linear",
     "QuantizationResult",
+    "awq_pass",
     "awq_quantize",
     "awq_search",
     "clip_quantize",
-    "compare_methods",
-    "format_table",
+    "gptq_pass",
     "gptq_quantize",
     "hqq_quantize",
-    "quantize_model_with",
+    "hqq_zero_update",
     "smooth_scales",
+    "smoothquant_pass",
 ]

@@ -71,14 +71,6 @@ def _from_groups(g: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Ten
     return g.reshape(x.shape)
 
 
-def shrink_lp(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """The proximal operator of ``|·|^p / β``: ``sign(r) · max(|r| - |r|^(p-1)/β, 0)`` (HQQ eq. 6)."""
-    a = r.abs()
-    if p == 1:
-        return torch.sign(r) * (a - 1 / beta).clamp_min(0)
-    return torch.sign(r) * (a - a.clamp_min(1e-30).pow(p - 1) / beta).clamp_min(0)
-
-
 def _lp(wn: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, p: float) -> torch.Tensor:
     """Per-group ``mean |W - Ŵ|^p`` for normalized weights ``wn = W / scale``."""
     t = wn + zero
@@ -121,6 +113,38 @@ def _zero_steps(
         zero = new_zero
         beta *= kappa
     return zero
+
+
+def hqq_zero_update(
+    w: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero: torch.Tensor | float,
+    *,
+    bits: int,
+    p: float = 0.7,
+    beta: float = 10.0,
+    steps: int = 1,
+) -> torch.Tensor:
+    """HQQ's zero-point update for groups of ``w`` (rows of a 2-D tensor, or one 1-D group) with a fixed
+    ``scale``: ``steps`` half-quadratic iterations from ``zero``, as :func:`hqq_quantize` runs them.
+
+    One step is ``z ← z - mean(sign(r) · min(|r|, c |r|^(p-1)))`` on the normalized errors
+    ``r = w/s + z - q``, ``q = clamp(round(w/s + z), 0, 2^bits - 1)``, with ``c = s^(p-2) / β``. Where
+    every ``|r|`` is below the threshold ``τ = c^(1/(2-p))`` the minimum is ``|r|`` itself: the
+    shrinkage zeroes every error, and the update is ``z ← mean(q) - mean(w/s)``.
+
+    Returns the new zero-points, one per group (shape ``[groups, 1]``).
+    """
+    w2 = w.float().reshape(1, -1) if w.dim() == 1 else w.float()
+    if w2.dim() != 2:
+        raise ValueError(f"w must be one group (1-D) or groups as rows (2-D), got shape {tuple(w.shape)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1).expand(w2.shape[0], 1)
+    z = torch.as_tensor(zero, dtype=torch.float32).reshape(-1, 1).expand(w2.shape[0], 1).clone()
+    return _zero_steps(w2 / s, s, z, 2**bits - 1, p, steps, beta, 1.0)
 
 
 def _scale_and_zero_steps(

@@ -10,7 +10,7 @@ and the difficulty is shared between the two::
 
 ``max|W_j|`` is taken over all the weights that read the input (q, k and v share one). The division
 is folded into the preceding normalization's weight where possible; the layers then run as
-:class:`~qlab.methods.llm_int8.Int8Linear` with no outlier decomposition (``threshold=None``).
+:class:`~qlab.nn.Int8Linear` with no outlier decomposition (``threshold=None``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Model-level driver: quantize every linear layer of a model with one method.
+"""The calibrated methods' passes over a model: GPTQ, AWQ and SmoothQuant need the whole model and data.
+
+Each pass quantizes the weights of the named target linears (``nn.Linear``; the driver turns a GPT-2
+``Conv1D`` into one first) and returns a :class:`QuantizationResult`: quantized tensors and input
+scales by full module name. It never builds layers; the model driver (:func:`qlab.quantize_model`)
+does that, for every method alike.
 
 Data-driven methods walk a transformers decoder block by block (:mod:`qlab.calibration`): the
 inputs of block ``i`` are captured, its linears are quantized, and the block's output becomes the
@@ -16,7 +21,6 @@ decoder-layer list are treated as a single block.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlab.affine import quantize_rtn
 from qlab.calibration import (
     capture_inputs,
-    check_calibration,
     decoder_layers,
     hessian,
     layer_inputs,
@@ -35,49 +39,27 @@ from qlab.calibration import (
     model_call,
     run_layer,
 )
-from qlab.codebooks import DEFAULT_BLOCK_SIZE, codebook_spec
-from qlab.config import QuantConfig
 from qlab.methods.awq import awq_search, quantize_scaled
 from qlab.methods.gptq import gptq_quantize
-from qlab.methods.hqq import hqq_quantize
-from qlab.methods.llm_int8 import DEFAULT_THRESHOLD, Int8Linear
 from qlab.methods.smoothquant import smooth_scales
-from qlab.quantize import QuantizedTensor, QuantSpec, quantize
+from qlab.tensor import QuantizedTensor, QuantSpec
 
-#: Methods :func:`quantize_model_with` implements (``rtn``/``nf4``/``fp4`` are the data-free baselines).
-MODEL_METHODS = ("rtn", "nf4", "fp4", "hqq", "gptq", "awq", "smoothquant", "llm_int8")
-#: Methods that need calibration data.
-CALIBRATED = ("gptq", "awq", "smoothquant")
+#: ``spec_for(full module name) -> QuantSpec``: the weight spec of each target layer.
+SpecFor = Callable[[str], QuantSpec]
+
 #: (previous, next) sibling linear names where the next one's input is ``act(gate(x)) * previous(x)``,
 #: linear in the previous one's output, so a per-channel input scale can move into its rows
 #: (Llama-style gated MLPs).
 FOLD_INTO_PREVIOUS = (("up_proj", "down_proj"), ("up", "down"))
-#: W8A8 weights: int8 symmetric, one scale per output channel.
-INT8_WEIGHT = QuantSpec.per_channel(8, symmetric=True, axis=0)
-#: Method keyword arguments each method accepts.
-_KWARGS = {
-    "rtn": set(),
-    "nf4": set(),
-    "fp4": set(),
-    "hqq": {"p", "iters", "beta", "kappa", "optimize_scale", "init"},
-    "gptq": {"damp", "block_size", "act_order", "min_samples"},
-    "awq": {"grid", "clip", "min_samples"},
-    "smoothquant": {"alpha", "min_samples"},
-    "llm_int8": {"threshold"},
-}
 
 
 @dataclass
 class QuantizationResult:
-    """What :func:`quantize_model_with` did: per-layer tensors, timing, bits per weight."""
+    """What a pass produced: quantized weights and input scales, by full module name."""
 
     method: str
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
-    seconds: float = 0.0
-    #: CPU time of this process (all threads) during quantization: on a shared machine it says what the
-    #: run costs better than wall time does.
-    cpu_seconds: float = 0.0
 
     @property
     def bits_per_weight(self) -> float:
@@ -86,25 +68,8 @@ class QuantizationResult:
         return 8 * sum(qt.nbytes for qt in self.tensors.values()) / n if n else float("nan")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _install(model: nn.Module, result: QuantizationResult) -> None:
-    from qlab.nn import QuantLinear  # nn builds on the methods' output type; import lazily
-
-    for name, qt in result.tensors.items():
-        linear = model.get_submodule(name)
-        assert isinstance(linear, nn.Linear)
-        bias = None if linear.bias is None else linear.bias.detach()
-        new = QuantLinear.from_quantized(linear, qt, bias=bias, input_scale=result.input_scales.get(name))
-        _set_module(model, name, new)
-
-
-def _targets(block: nn.Module, prefix: str, config: QuantConfig) -> dict[str, nn.Linear]:
-    return linear_modules(block, skip=lambda n: config.is_skipped(prefix + n))
+def _targets(block: nn.Module, prefix: str, targets: set[str]) -> dict[str, nn.Linear]:
+    return linear_modules(block, skip=lambda n: prefix + n not in targets)
 
 
 def _blocks(
@@ -134,14 +99,24 @@ def _run_block(run: Callable[..., Any] | None, model: nn.Module, i: int, block: 
 # ------------------------------------------------------------------------------------------------
 # GPTQ
 # ------------------------------------------------------------------------------------------------
-def _gptq(
-    model: nn.Module, config: QuantConfig, calibration: torch.Tensor, progress: bool
+def gptq_pass(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    targets: set[str],
+    spec_for: SpecFor,
+    kwargs: dict[str, Any],
+    progress: bool = True,
 ) -> QuantizationResult:
-    kw = {k: v for k, v in config.method_kwargs.items() if k != "min_samples"}
+    """GPTQ every linear named in ``targets``, block by block, each just before it runs (true sequential).
+
+    ``kwargs`` are :func:`~qlab.methods.gptq.gptq_quantize`'s (``damp``, ``block_size``, ``act_order``).
+    """
+    kw = {k: v for k, v in kwargs.items() if k != "min_samples"}
+    wanted = targets
     result = QuantizationResult("gptq")
     blocks, run, state = _blocks(model, calibration)
     for i, (prefix, block) in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress)):
-        targets = _targets(block, prefix, config)
+        targets = _targets(block, prefix, wanted)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, H); holding x keeps its address unique
 
         def hook(
@@ -155,7 +130,7 @@ def _gptq(
                 if H is None:
                     H = hessian(x)
                     cache.append((x, H))
-                qt = gptq_quantize(mod.weight.detach(), H, config.for_module(full).spec(), **kw)
+                qt = gptq_quantize(mod.weight.detach(), H, spec_for(full), **kw)
                 result.tensors[full] = qt
                 # The rest of this forward (and the next blocks) must see the quantized layer.
                 mod.weight.data = qt.dequantize(mod.weight.dtype)
@@ -171,6 +146,7 @@ def _gptq(
         missing = [prefix + n for n in targets if prefix + n not in result.tensors]
         if missing:
             raise ValueError(f"model: these linear layers never ran on the calibration data: {missing}")
+    return result
     return result
 
 
@@ -189,11 +165,11 @@ class _Group:
 
 
 def _groups(
-    model: nn.Module, block: nn.Module, prefix: str, config: QuantConfig, run: Any, i: int, state: Any
+    model: nn.Module, block: nn.Module, prefix: str, wanted: set[str], run: Any, i: int, state: Any
 ) -> tuple[list[_Group], Any]:
     """Run ``block`` in float once; group its target linears by input tensor; find fold targets."""
     all_linears = linear_modules(block)
-    targets = _targets(block, prefix, config)
+    targets = _targets(block, prefix, wanted)
     norm_out: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     handles = []
     for m in block.modules():
@@ -261,15 +237,19 @@ def _fold_into_previous(
     return None
 
 
-def _scaled_method(
-    method: str, model: nn.Module, config: QuantConfig, calibration: torch.Tensor, progress: bool
-) -> tuple[QuantizationResult, dict[str, nn.Module]]:
-    kw = config.method_kwargs
+def _scaled_pass(
+    method: str,
+    model: nn.Module,
+    calibration: torch.Tensor,
+    targets: set[str],
+    spec_for: SpecFor,
+    kw: dict[str, Any],
+    progress: bool,
+) -> QuantizationResult:
     result = QuantizationResult(method)
-    int8_modules: dict[str, nn.Module] = {}
     blocks, run, state = _blocks(model, calibration)
     for i, (prefix, block) in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress)):
-        groups, state = _groups(model, block, prefix, config, run, i, state)
+        groups, state = _groups(model, block, prefix, targets, run, i, state)
         linears = linear_modules(block)
         plans = []
         # Phase 1: search and apply every group's scale in float (a fold may touch another group's
@@ -277,7 +257,7 @@ def _scaled_method(
         for grp in groups:
             ws = [linears[n].weight.detach().float() for n in grp.names]
             if method == "awq":
-                spec = config.for_module(prefix + grp.names[0]).spec()
+                spec = spec_for(prefix + grp.names[0])
                 s = awq_search(ws, grp.x, spec, grid=kw.get("grid", 20)).scale
             else:
                 s = smooth_scales(grp.x.abs().amax(dim=0), ws, alpha=kw.get("alpha", 0.5))
@@ -295,99 +275,37 @@ def _scaled_method(
                 if grp.fold is None:
                     result.input_scales[full] = s
                 if method == "awq":
-                    spec = config.for_module(full).spec()
+                    spec = spec_for(full)
                     qt = quantize_scaled(
                         lin.weight.detach().float(), grp.x, s, spec, clip=kw.get("clip", True)
                     )
-                    result.tensors[full] = qt
                 else:  # the weight already holds W · s: quantize it as is
-                    qt = quantize(lin.weight.detach().float(), INT8_WEIGHT)
-                    int8_modules[full] = Int8Linear(
-                        qt, lin.bias, threshold=None, input_scale=result.input_scales.get(full)
-                    )
-    return result, int8_modules
+                    qt = quantize_rtn(lin.weight.detach().float(), spec_for(full))
+                result.tensors[full] = qt
+    return result
 
 
-def _reject_unknown_kwargs(method: str, kwargs: dict[str, Any]) -> None:
-    unknown = set(kwargs) - _KWARGS[method]
-    if unknown:
-        raise ValueError(
-            f"config.method_kwargs: {sorted(unknown)} not understood by {method!r}; "
-            f"it accepts {sorted(_KWARGS[method]) or 'none'}"
-        )
-
-
-@torch.no_grad()
-def quantize_model_with(
-    method: str,
+def awq_pass(
     model: nn.Module,
-    config: QuantConfig,
-    calibration: torch.Tensor | None = None,
+    calibration: torch.Tensor,
+    targets: set[str],
+    spec_for: SpecFor,
+    kwargs: dict[str, Any],
     progress: bool = True,
 ) -> QuantizationResult:
-    """Quantize the linear layers of ``model`` in place with ``method``; return what was done.
+    """AWQ: per input group, search the activation-aware scale ``s`` (``grid`` points), fold ``1/s`` into
+    the producer, quantize ``W · s`` with clipping search (``clip``)."""
+    return _scaled_pass("awq", model, calibration, targets, spec_for, kwargs, progress)
 
-    Args:
-        method: one of :data:`MODEL_METHODS`.
-        model: any ``nn.Module``; transformers decoders are processed block by block.
-        config: bits, group size, skipped layers, per-layer overrides and ``method_kwargs``
-            (e.g. ``{"damp": 0.01, "act_order": True}`` for GPTQ).
-        calibration: token ids ``[n_samples, seq_len]`` (or float model inputs ``[n, ...]``) for
-            GPTQ, AWQ and SmoothQuant; ignored by the data-free methods.
-        progress: show a tqdm bar over blocks (or layers).
 
-    Linear layers become :class:`qlab.nn.QuantLinear` (``Int8Linear`` for ``smoothquant`` and
-    ``llm_int8``).
-    """
-    if method not in MODEL_METHODS:
-        raise ValueError(f"method must be one of {MODEL_METHODS}, got {method!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a qlab.config.QuantConfig, got {type(config).__name__}")
-    _reject_unknown_kwargs(method, config.method_kwargs)
-    if method in ("smoothquant", "llm_int8") and config.bits != 8:
-        raise ValueError(f"config.bits: {method} is W8A8, got bits={config.bits}")
-    if method in CALIBRATED:
-        min_samples = config.method_kwargs.get("min_samples", 2)
-        check_calibration(calibration, min_samples=min_samples, method=method)
-    was_training = model.training
-    model.eval()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    try:
-        int8_modules: dict[str, nn.Module] = {}
-        if method == "gptq":
-            assert calibration is not None
-            result = _gptq(model, config, calibration, progress)
-        elif method in ("awq", "smoothquant"):
-            assert calibration is not None
-            result, int8_modules = _scaled_method(method, model, config, calibration, progress)
-        else:
-            result = QuantizationResult(method)
-            targets = _targets(model, "", config)
-            for name, lin in tqdm(targets.items(), desc=method, unit="layer", disable=not progress):
-                w = lin.weight.detach().float()
-                if method == "llm_int8":
-                    int8_modules[name] = Int8Linear.from_linear(
-                        lin, threshold=config.method_kwargs.get("threshold", DEFAULT_THRESHOLD)
-                    )
-                elif method == "hqq":
-                    result.tensors[name] = hqq_quantize(
-                        w, config.for_module(name).spec(), **config.method_kwargs
-                    )
-                else:
-                    cfg = config.for_module(name)
-                    spec = (
-                        cfg.spec()
-                        if method == "rtn"
-                        else codebook_spec(method, cfg.group_size or DEFAULT_BLOCK_SIZE)
-                    )
-                    result.tensors[name] = quantize(w, spec)
-        for name, mod in int8_modules.items():
-            _set_module(model, name, mod)
-        _install(model, result)
-        result.seconds = time.perf_counter() - start
-        result.cpu_seconds = time.process_time() - cpu_start
-    finally:
-        model.train(was_training)
-    return result
+def smoothquant_pass(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    targets: set[str],
+    spec_for: SpecFor,
+    kwargs: dict[str, Any],
+    progress: bool = True,
+) -> QuantizationResult:
+    """SmoothQuant: per input group, ``s = max|x|^α / max|W|^(1-α)`` (``alpha``), folded into the
+    producer; ``W · s`` is quantized to int8 per channel (``spec_for`` gives that spec)."""
+    return _scaled_pass("smoothquant", model, calibration, targets, spec_for, kwargs, progress)

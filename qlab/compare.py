@@ -1,7 +1,7 @@
 """The methods table: several methods and bit widths on one real model, side by side.
 
 :func:`compare_methods` is what ``qlab compare`` and ``benchmarks/methods_table.py`` call. For each
-(method, scheme) it copies the float model, quantizes it with :func:`quantize_model_with` (timed),
+(method, scheme) it copies the float model, quantizes it with :func:`qlab.quantize_model` (timed),
 and measures perplexity on the held-out evaluation plays; calibration windows come from the
 disjoint calibration plays with a fixed seed.
 
@@ -13,13 +13,15 @@ that grid, so they measure the methods rather than the file format.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from qlab.config import QuantConfig
-from qlab.methods.apply import MODEL_METHODS, quantize_model_with
+from qlab.driver import quantize_model, quantized_bits_per_weight
+from qlab.registry import METHODS
 
 #: (bits, group size) pairs of the issue's table.
 DEFAULT_SCHEMES: tuple[tuple[int, int], ...] = ((4, 128), (3, 64), (2, 64))
@@ -65,7 +67,7 @@ def compare_methods(
     """Perplexity, bits per weight and quantization time for each method at each scheme.
 
     Args:
-        methods: names from :data:`~qlab.methods.apply.MODEL_METHODS` (weight-only ones) or
+        methods: weight-only method names of :data:`qlab.registry.METHODS` or
             :data:`VARIANTS` (``"hqq+scale"``: HQQ that also refits the scale).
         schemes: ``(bits, group_size)`` pairs, asymmetric integer codes.
         nf4: also add an NF4 (block 64) row.
@@ -86,10 +88,11 @@ def compare_methods(
     from qlab import evaluate, models  # heavy (transformers); only needed here
     from qlab.nn import use_path
 
+    weight_only = tuple(n for n, m in METHODS.items() if m.layer == "weight")
     for m in methods:
-        if m not in VARIANTS and (m not in MODEL_METHODS or m in ("smoothquant", "llm_int8")):
+        if m not in VARIANTS and m not in weight_only:
             raise ValueError(
-                f"methods: {m!r} is not a weight-only method of {MODEL_METHODS} or a variant {list(VARIANTS)}"
+                f"methods: {m!r} is not a weight-only method of {weight_only} or a variant {list(VARIANTS)}"
             )
     method_kwargs = method_kwargs or {}
     model, tok = (loader or models.load_smollm2)()
@@ -127,15 +130,15 @@ def compare_methods(
         qmodel = copy.deepcopy(model)
         overrides = group_overrides(model, group)
         cfg = QuantConfig(
-            method="rtn" if method == "nf4" else method,
+            method=method,
             bits=bits,
             group_size=group,
             overrides=overrides,
             method_kwargs={**extra, **method_kwargs.get(label, {})},
         )
-        res = quantize_model_with(
-            method, qmodel, cfg, calibration if method in ("gptq", "awq") else None, progress=progress
-        )
+        start, cpu_start = time.perf_counter(), time.process_time()
+        quantize_model(qmodel, cfg, calibration if cfg.entry.calibrated else None, progress=progress)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         scheme = "nf4 b64" if method == "nf4" else f"int{bits} g{group}"
         used = sorted({o["group_size"] for o in overrides.values()})
         if used:
@@ -146,10 +149,10 @@ def compare_methods(
                 "scheme": scheme,
                 "bits": bits,
                 "group_size": group,
-                "bits_per_weight": res.bits_per_weight,
+                "bits_per_weight": quantized_bits_per_weight(qmodel),
                 "perplexity": ppl(qmodel),
-                "seconds": res.seconds,
-                "cpu_seconds": res.cpu_seconds,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
             }
         )
         del qmodel

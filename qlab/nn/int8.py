@@ -17,26 +17,24 @@ stays one byte per weight; only the activations' outlier features skip quantizat
 
 This module computes the int8 product in float32 (the integer codes are exact in float32 and the
 dot products of this size round by at most one ulp): it is the reference semantics, not a fast path.
+SmoothQuant's layers are the same module with ``threshold=None`` and an ``input_scale``. The model
+driver builds them (methods ``llm_int8`` and ``smoothquant`` of :mod:`qlab.registry`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from qlab.quantize import QuantizedTensor, QuantSpec, quantize
+from qlab.affine import quantize_rows_int8, quantize_rtn
+from qlab.nn.linear import linear_weight
+from qlab.tensor import QuantizedTensor, QuantSpec, check_finite
 
 #: LLM.int8()'s default outlier threshold on activation magnitude.
 DEFAULT_THRESHOLD = 6.0
-
-
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: ``x ≈ s · q`` with ``s = max|row| / 127`` (rows of zeros get ``s = 1``)."""
-    s = x.abs().amax(dim=-1, keepdim=True) / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(x / s).clamp(-127, 127), s
 
 
 def outlier_features(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -91,14 +89,15 @@ class Int8Linear(nn.Module):
         threshold: float | None = DEFAULT_THRESHOLD,
         input_scale: torch.Tensor | None = None,
     ) -> Int8Linear:
-        """Quantize ``linear.weight`` (times ``input_scale`` per column, if given) to int8 per channel."""
-        w = linear.weight.detach().float()
+        """Quantize the weight of ``linear`` (an ``nn.Linear`` or GPT-2 ``Conv1D``; times ``input_scale``
+        per column, if given) to int8 per channel."""
+        w = linear_weight(linear).float()
         if input_scale is not None:
             if input_scale.shape != (w.shape[1],):
                 got = tuple(input_scale.shape)
                 raise ValueError(f"input_scale must have shape [{w.shape[1]}], got {got}")
             w = w * input_scale.float()
-        qt = quantize(w, QuantSpec.per_channel(8, symmetric=True, axis=0))
+        qt = quantize_rtn(w, QuantSpec.per_channel(8, symmetric=True, axis=0))
         return cls(qt, linear.bias, threshold=threshold, input_scale=input_scale)
 
     @property
@@ -124,22 +123,66 @@ class Int8Linear(nn.Module):
             mask = torch.zeros(self.in_features, dtype=torch.bool, device=x.device)
         x_in = x.masked_fill(mask, 0.0) if bool(mask.any()) else x
         qx, sx = quantize_rows_int8(x_in)
-        y = (qx @ wq.T) * sx * self.weight_scale
+        y = (qx.float() @ wq.T) * sx * self.weight_scale
         if bool(mask.any()):
             y = y + x[..., mask] @ (wq[:, mask] * self.weight_scale[:, None]).T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(dtype)
 
+    def layer_config(self) -> dict[str, Any]:
+        """JSON description from which :meth:`from_layer_config` rebuilds an empty layer of this shape."""
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "threshold": self.threshold,
+            "bias": self.bias is not None,
+            "input_scale": self.input_scale is not None,
+        }
+
+    @classmethod
+    def from_layer_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> Int8Linear:
+        """An empty layer described by :meth:`layer_config`; ``device="meta"`` allocates nothing."""
+        n_in, n_out = cfg["in_features"], cfg["out_features"]
+        qt = QuantizedTensor(
+            codes=torch.zeros(n_out, n_in, dtype=torch.int8, device=device),
+            scale=torch.ones(n_out, 1, device=device),
+            zero=None,
+            spec=QuantSpec.per_channel(8, symmetric=True),
+            shape=torch.Size((n_out, n_in)),
+        )
+        bias = torch.zeros(n_out, device=device) if cfg["bias"] else None
+        scale = torch.ones(n_in, device=device) if cfg["input_scale"] else None
+        return cls(qt, bias, threshold=cfg["threshold"], input_scale=scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored weight ``Ŵ`` (``codes * scale``), shape ``[out, in]``."""
+        return self.weight_dequantized().to(dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight applied to ``x``: ``Ŵ / input_scale`` (columns), or ``Ŵ``."""
+        w = self.weight_dequantized()
+        if self.input_scale is not None:
+            w = w / self.input_scale
+        return w.to(dtype)
+
+    def float_nbytes(self) -> int:
+        """Bytes of the fp32 layer this one replaced (weight, bias, input scale)."""
+        extra = sum(t.numel() * t.element_size() for t in (self.bias, self.input_scale) if t is not None)
+        return 4 * self.in_features * self.out_features + extra
+
+    def check_finite(self, name: str = "layer") -> None:
+        """Raise a ValueError naming the tensor if a stored scale or input scale is NaN/Inf."""
+        check_finite(self.weight_scale, f"{name}.weight_scale")
+        if self.input_scale is not None:
+            check_finite(self.input_scale, f"{name}.input_scale")
+
+    def after_load(self) -> None:
+        """Nothing is derived from the config here (kept for the loaders' one protocol)."""
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}, "
             f"input_scale={self.input_scale is not None}"
         )
-
-
-def int8_matmul_reference(x: torch.Tensor, w: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """``x wᵀ`` through :class:`Int8Linear` semantics, for lessons and tests."""
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w.detach().float()
-    return Int8Linear.from_linear(lin, threshold=threshold)(x)

@@ -1,0 +1,462 @@
+"""Forward dispatch of :class:`~qlab.nn.QuantLinear`: the one place that decides how a layer multiplies.
+
+Every path is a row of :data:`PATH_TABLE`: a name, whether a layer can take it (``fits``), and the
+implementation. :func:`select_path` picks one for a layer and an input; :func:`use_path` forces any
+of them by name (tests check every path against the reference on every machine). The thresholds
+between paths are named once, here:
+
+=====================  ==========================================================================
+path                   what it does
+=====================  ==========================================================================
+``reference``          dequantize to fp32, then ``F.linear`` (differentiable; any device)
+``triton``             CUDA: ``qlab.kernels.dequant_matmul``, fused dequantize-matmul (never a float ``W``)
+``cpu_int8dot``        qlab's C kernel, decode (rows < :data:`CPU_INT8DOT_MAX_ROWS`): ``x`` split into
+                       two int8 planes ``x ≈ sx (q1 + q2/254)``, products summed exactly in int32
+                       (``vpdpbusd``), 16 output rows per vector; W8A8 with one plane of ``x``
+``cpu_gemv``           qlab's C kernel: codes looked up as bf16 times bf16 ``x`` (``vdpbf16ps``); FP8 and
+                       layers whose rows do not come in blocks of 16, below :data:`CPU_TILED_MIN_ROWS`
+``cpu_tiled``          qlab's C kernel, prefill: 512 rows of ``W`` at a time dequantized to bf16 into one
+                       cache-sized buffer, multiplied by torch's bf16 GEMM (oneDNN, AMX)
+``torch_int4``         torch's ``_weight_int4pack_mm_for_cpu`` for 1- to 4-bit affine codes
+``torch_int8``         torch's ``_weight_int8pack_mm`` once per group, plus a rank-one zero-point term;
+                       codebooks through their int8 table levels
+``torch_int_mm``       W8A8: ``torch._int_mm``, a true int8 x int8 -> int32 product
+``torch_fp8_bf16``     FP8 weights widened to bf16 (exact: e4m3 is a subset of bf16) and scaled
+=====================  ==========================================================================
+
+On CPU without a C compiler (or with ``QLAB_CPU_KERNELS=0``) the ``cpu_*`` paths do not fit and the
+``torch_*`` ones run. The fast paths agree with the reference within bf16 arithmetic: a relative
+(Frobenius) output error below :data:`FAST_PATH_RTOL`. Their converted weights are cached on the layer
+(``layer._cache``, built on first use, dropped by ``.to()`` and state loading): derived data, never saved.
+
+This module knows a layer only by its tensors and spec (``qweight``, ``scale``, ``zero``, ``codebook``,
+``spec``, ``mode``, shapes); it does not import the layer class, which calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from qlab.affine import quantize_rows_int8
+from qlab.packing import unpack
+from qlab.tensor import per_group
+
+#: Rows of ``x`` from which CPU weight-only layers dequantize-in-tiles for a bf16 GEMM (measured
+#: crossover on a 2-core AVX-512/AMX machine, ``benchmarks/bench_linear.py``).
+CPU_TILED_MIN_ROWS = 8
+#: Rows of ``x`` below which affine layers take the int8-dot decode kernel instead (same benchmark).
+CPU_INT8DOT_MAX_ROWS = 12
+#: The same for W8A8 layers, whose alternative is torch._int_mm (AMX int8), not bf16 tiles.
+CPU_W8A8_DOT_MAX_ROWS = 6
+#: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
+FAST_PATH_RTOL = 1e-2
+#: Group sizes torch's int4 CPU op accepts.
+INT4_OP_GROUPS = (32, 64, 128, 256)
+#: Input dtypes the fast paths take; others run the reference.
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+Layer = Any  # a qlab.nn.QuantLinear; typed loosely so that this module need not import it
+
+_state = threading.local()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the machine offers
+# ----------------------------------------------------------------------------------------------
+def _kernels() -> Any:
+    """``qlab.kernels`` when it can run on CUDA here, else None (guarded: triton may be missing)."""
+    try:
+        import qlab.kernels as kernels
+    except Exception:  # triton missing or broken: the torch paths still work
+        return None
+    ok = getattr(kernels, "available", None)
+    return kernels if ok is not None and ok("cuda") else None
+
+
+def _cpu_kernels() -> Any:
+    """``qlab.kernels.cpu`` when its C library is built and loaded here, else None."""
+    try:
+        from qlab.kernels import cpu
+    except Exception:  # a broken install keeps the torch paths
+        return None
+    return cpu if cpu.load() is not None else None
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of the converted weights held in a layer's path cache (nested tuples and lists too)."""
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    if hasattr(cache, "tensors"):  # a qlab.kernels.cpu.CpuWeight
+        return sum(cache_nbytes(t) for t in cache.tensors())
+    if isinstance(cache, dict):
+        return sum(cache_nbytes(v) for v in cache.values())
+    if isinstance(cache, (tuple, list)):
+        return sum(cache_nbytes(v) for v in cache)
+    return 0
+
+
+def _zero_point(layer: Layer) -> torch.Tensor | None:
+    """The zero-point of the stored (unsigned) codes: ``zero``, or ``2^(bits-1)`` for symmetric codes
+    (stored offset by it), or None for codebooks."""
+    if layer.zero is not None or layer.codebook is not None:
+        return layer.zero
+    return torch.full((1, 1), 2.0 ** (layer.spec.bits - 1))
+
+
+def _codebook_int8_planes(table: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """Integer levels and divisors with ``table = Σ L_i / R_i``: one plane, exact, when ``12 t`` are
+    integers (FP4); otherwise two, ``127 t ≈ L1 + L2/254`` (NF4: within ``1/(127·508)`` of a table value,
+    as the C kernels split it)."""
+    t = table.double()
+    if torch.equal(t * 12, (t * 12).round()):
+        return [((t * 12).round().to(torch.int8), 12.0)]
+    l1 = (t * 127).round()
+    l2 = ((t * 127 - l1) * 254).round()
+    return [(l1.to(torch.int8), 127.0), (l2.to(torch.int8), 127.0 * 254)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which paths a layer fits (fixed by spec and shape: cached)
+# ----------------------------------------------------------------------------------------------
+def _int4_group(layer: Layer) -> int | None:
+    """Group size to hand torch's int4 CPU op, or None where it does not apply."""
+    if layer.mode != "weight" or layer.spec.codebook is not None or layer.spec.bits > 4:
+        return None
+    if layer.out_features % 16 or layer.in_features % 2:
+        return None
+    g = layer.group_size
+    if layer.spec.granularity != "group":
+        # One scale per row (or tensor): any group size dividing K gives the same weight.
+        g = next((c for c in reversed(INT4_OP_GROUPS) if layer.in_features % c == 0), 0)
+    return g if g in INT4_OP_GROUPS else None
+
+
+def _cpu_fit(layer: Layer) -> tuple[bool, bool]:
+    """(tiles, int8-dot): whether the layer fits the C kernels' layouts (fixed by spec and shape: cached)."""
+    fit = layer._cache.get("cpu_fit")
+    if fit is None:
+        cpu = _cpu_kernels()
+        bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
+        if cpu is None:
+            fit = (False, False)
+        elif layer.mode == "fp8":
+            fit = (cpu.fits_fp8(k), False)
+        else:
+            fit = (cpu.fits(bits, g, k), cpu.fits_rows16(bits, g, k, layer.out_features))
+        layer._cache["cpu_fit"] = fit
+    return fit
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations: (layer, x2 [rows, in]) -> [rows, out]
+# ----------------------------------------------------------------------------------------------
+def _reference_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize to fp32, then ``F.linear`` in fp32 (differentiable in ``x``)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    if layer.mode == "w8a8":
+        lead = x.shape[:-1]
+        y = _w8a8_forward(layer, x.reshape(-1, layer.in_features), exact_int=False)
+        y = y.reshape(*lead, layer.out_features)
+        return y if bias is None else y + bias
+    return F.linear(x.float(), layer.dequantize(torch.float32), bias)
+
+
+def _w8a8_forward(layer: Layer, x2: torch.Tensor, exact_int: bool) -> torch.Tensor:
+    qx, sx = quantize_rows_int8(x2)
+    sw = layer.scale.float().reshape(1, -1)
+    if exact_int:
+        wt = layer._cache.get("int_mm")
+        if wt is None:
+            codes = unpack(layer.qweight, 8, layer.in_features)
+            wt = (codes.to(torch.int16) - 128).to(torch.int8).t().contiguous()  # [K, N] as _int_mm wants
+            layer._cache["int_mm"] = wt
+        acc = torch._int_mm(qx, wt).float()
+    else:
+        codes = layer.quantized_tensor().codes.float()
+        acc = qx.float() @ codes.t()
+    return acc * sx * sw
+
+
+def _cpu_weight(layer: Layer, layout: Literal["blocks", "rows16"] = "blocks") -> Any:
+    """The layer's weight laid out for :mod:`qlab.kernels.cpu` (built once per layout, cached).
+
+    ``"blocks"``: :func:`~qlab.kernels.cpu.prepare` (tiles, bf16-dot decode); ``"rows16"``:
+    :func:`~qlab.kernels.cpu.prepare_rows16` (int8-dot decode). FP8 layers have one layout,
+    :func:`~qlab.kernels.cpu.prepare_fp8` (their bytes, as stored).
+    """
+    key = f"cpu_{layout}"
+    entry = layer._cache.get(key)
+    if entry is None:
+        cpu = _cpu_kernels()
+        if layer.mode == "fp8":
+            entry = cpu.prepare_fp8(layer.qweight, layer.scale)
+        else:
+            bits = layer.spec.bits
+            prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
+            codes = unpack(layer.qweight, bits, layer.in_features)
+            entry = prepare(codes, bits, layer.group_size, layer.scale, _zero_point(layer), layer.codebook)
+        layer._cache[key] = entry
+    return entry
+
+
+def _int4_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    """torch's int4 CPU op: ``w = (u4 - 8) s + z'`` with ``u4 = u + c`` and ``z' = s (8 - c - zero)``.
+
+    In real arithmetic that is ``s (u - zero)`` for any shift ``c`` that keeps ``u4`` in 0..15;
+    ``c = 8 - 2^(b-1)`` centres b-bit codes (symmetric codes then need no ``z'`` at all).
+    """
+    entry = layer._cache.get("int4")
+    if entry is None:
+        g = _int4_group(layer)
+        assert g is not None
+        n, k = layer.out_features, layer.in_features
+        # Shift b-bit codes to the middle of the 4-bit range so that u4 - 8 and the folded zero
+        # stay small: the bf16 rounding of s and z' then costs ~2^-9 of a weight, not 8x that.
+        shift = 8 - 2 ** (layer.spec.bits - 1)
+        u = unpack(layer.qweight, layer.spec.bits, k).to(torch.int32) + shift
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+        groups = k // g
+        s = per_group(layer.scale, n, groups)
+        z = per_group(_zero_point(layer), n, groups)
+        sz = torch.stack([s, s * (8 - shift - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        entry = (packed, sz, g)
+        layer._cache["int4"] = entry
+    packed, sz, g = entry
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
+
+
+def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    """``y = Σ_g s_g ⊙ (x_g c_gᵀ) + (Σ_{k∈g} x_k) s_g (o - zero_g)`` with int8 codes ``c = u - o``.
+
+    One ``_weight_int8pack_mm`` per group of inputs (one call for per-channel); the second term is a
+    small ``[M, G] x [G, N]`` product that puts the zero-point back. The codes are centred,
+    ``o = 2^(b-1)``, so that the zero term stays small: the op returns bf16, and a large term that the
+    zero-point cancels would lose the output's digits. Codebooks use the table's int8 levels,
+    ``c = L[u]`` with scale ``s / R`` (no zero term), in two planes where one int8 level is too coarse.
+    """
+    entry = layer._cache.get("int8")
+    n, k = layer.out_features, layer.in_features
+    if entry is None:
+        u = unpack(layer.qweight, layer.spec.bits, k)
+        groups = layer.scale.shape[1]
+        s = per_group(layer.scale, n, groups)
+        g = k // groups
+        corr = None
+        if layer.codebook is not None:
+            parts = [
+                (lv.to(u.device)[u.long()], s / r) for lv, r in _codebook_int8_planes(layer.codebook.cpu())
+            ]
+        else:
+            o = 2 ** (layer.spec.bits - 1)
+            parts = [((u.to(torch.int16) - o).to(torch.int8), s)]
+            z = per_group(_zero_point(layer), n, groups)
+            if bool((z != o).any()):
+                corr = (s * (o - z)).t().contiguous()  # [G, N]
+        planes = [
+            (
+                c.reshape(n, groups, g).transpose(0, 1).contiguous(),  # [G, N, g]
+                sc.t().contiguous().to(torch.bfloat16),  # [G, N]
+            )
+            for c, sc in parts
+        ]
+        entry = (planes, corr)
+        layer._cache["int8"] = entry
+    planes, corr = entry
+    groups, g = planes[0][0].shape[0], planes[0][0].shape[2]
+    xb = x2.to(torch.bfloat16)
+    y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+    for i in range(groups):
+        xi = xb.contiguous() if groups == 1 else xb[:, i * g : (i + 1) * g].contiguous()
+        for cg, sg in planes:
+            y += torch.ops.aten._weight_int8pack_mm(xi, cg[i], sg[i]).float()
+    if corr is not None:
+        y += x2.float().reshape(-1, groups, g).sum(dim=-1) @ corr
+    return y
+
+
+def _triton_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    kernels = _kernels()
+    assert kernels is not None
+    n, k = layer.out_features, layer.in_features
+    scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1).contiguous()
+    zero = layer.zero
+    if zero is not None and zero.shape[0] != n:
+        zero = zero.expand(n, -1).contiguous()
+    return kernels.dequant_matmul(
+        x2, layer.qweight, scale, zero, bits=layer.spec.bits, group_size=layer.group_size, n=n, k=k,
+        codebook=layer.codebook,
+    )  # fmt: skip
+
+
+def _fp8_bf16_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    w = layer.qweight.to(torch.bfloat16) * layer.scale.to(torch.bfloat16)
+    return F.linear(x2.to(torch.bfloat16), w)
+
+
+def _cpu_int8dot_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    planes = 1 if layer.mode == "w8a8" else 2
+    return _cpu_kernels().gemv_int8dot(x2, _cpu_weight(layer, "rows16"), planes=planes)
+
+
+def _cpu_gemv_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    return _cpu_kernels().gemv(x2, _cpu_weight(layer))
+
+
+def _cpu_tiled_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    return _cpu_kernels().tiled_matmul(x2, _cpu_weight(layer))
+
+
+def _int_mm_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    return _w8a8_forward(layer, x2, exact_int=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Path:
+    """One forward path: ``fits(layer, x)`` says whether it can run this layer on this input;
+    ``run(layer, x2)`` computes ``x2 Ŵᵀ`` for ``x2`` of shape ``[rows, in]`` (no bias, no input scale)."""
+
+    name: str
+    fits: Callable[[Layer, torch.Tensor], bool]
+    run: Callable[[Layer, torch.Tensor], torch.Tensor]
+    doc: str
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def _weight_mode(layer: Layer) -> bool:
+    return layer.mode == "weight"
+
+
+PATH_TABLE: dict[str, Path] = {
+    p.name: p
+    for p in (
+        Path("reference", lambda layer, x: True, None, "dequantize to fp32, then F.linear"),  # type: ignore[arg-type]
+        Path(
+            "triton",
+            lambda layer, x: x.device.type == "cuda" and _weight_mode(layer) and layer.spec.bits != 3
+            and _kernels() is not None,
+            _triton_forward,
+            "fused dequantize-matmul Triton kernel (CUDA)",
+        ),
+        Path(
+            "cpu_int8dot", lambda layer, x: _on_cpu(x) and _cpu_fit(layer)[1], _cpu_int8dot_forward,
+            "C kernel: int8 planes of x times codes, exact int32 sums (decode)",
+        ),
+        Path(
+            "cpu_gemv",
+            lambda layer, x: _on_cpu(x) and layer.mode != "w8a8" and _cpu_fit(layer)[0],
+            _cpu_gemv_forward,
+            "C kernel: bf16 dot products of looked-up codes (decode)",
+        ),
+        Path(
+            "cpu_tiled",
+            lambda layer, x: _on_cpu(x) and layer.mode != "w8a8" and _cpu_fit(layer)[0],
+            _cpu_tiled_forward,
+            "C kernel: bf16 tiles of W times x in torch's bf16 GEMM (prefill)",
+        ),
+        Path(
+            "torch_int4",
+            lambda layer, x: _on_cpu(x) and _int4_group(layer) is not None,
+            _int4_forward,
+            "torch._weight_int4pack_mm_for_cpu",
+        ),
+        Path(
+            "torch_int8", lambda layer, x: _on_cpu(x) and _weight_mode(layer), _int8_groups_forward,
+            "torch._weight_int8pack_mm per group + zero-point term",
+        ),
+        Path(
+            "torch_int_mm", lambda layer, x: _on_cpu(x) and layer.mode == "w8a8", _int_mm_forward,
+            "torch._int_mm on per-token int8 activations (W8A8)",
+        ),
+        Path(
+            "torch_fp8_bf16", lambda layer, x: layer.mode == "fp8", _fp8_bf16_forward,
+            "FP8 widened to bf16, scaled, F.linear",
+        ),
+    )
+}  # fmt: skip
+#: Every forward path, by name.
+PATHS: tuple[str, ...] = tuple(PATH_TABLE)
+
+
+@contextlib.contextmanager
+def use_path(path: str) -> Iterator[None]:
+    """Force every :class:`~qlab.nn.QuantLinear` in this thread to take ``path`` (a name from
+    :data:`PATHS`), or ``"auto"`` to let :func:`select_path` choose.
+
+    A forced path that cannot run a layer raises a ValueError naming both. Inputs that need a gradient
+    still take the reference (the fused ops have no backward).
+    """
+    if path != "auto" and path not in PATH_TABLE:
+        raise ValueError(f"path must be 'auto' or one of {PATHS}, got {path!r}")
+    old = getattr(_state, "forced", None)
+    _state.forced = None if path == "auto" else path
+    try:
+        yield
+    finally:
+        _state.forced = old
+
+
+def forced_path() -> str | None:
+    """The path :func:`use_path` forces in this thread, or None."""
+    return getattr(_state, "forced", None)
+
+
+def select_path(layer: Layer, x: torch.Tensor) -> str:
+    """Which forward path ``layer`` takes for input ``x`` (a key of :data:`PATH_TABLE`)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return "reference"  # the fused ops have no backward
+    forced = forced_path()
+    if forced is not None:
+        if not PATH_TABLE[forced].fits(layer, x):
+            raise ValueError(
+                f"use_path({forced!r}) cannot run this layer ({layer.describe()}, "
+                f"{layer.out_features}x{layer.in_features}) on a {x.device.type} {x.dtype} input"
+            )
+        return forced
+    if x.dtype not in FAST_DTYPES:
+        return "reference"
+    if x.device.type == "cuda":
+        return "triton" if PATH_TABLE["triton"].fits(layer, x) else "reference"
+    if x.device.type != "cpu":
+        return "reference"
+    tiles, rows16 = _cpu_fit(layer)
+    rows = x.numel() // layer.in_features
+    if layer.mode == "w8a8":  # one int8 plane of x: the same integers as torch._int_mm, faster at decode
+        return "cpu_int8dot" if rows16 and rows < CPU_W8A8_DOT_MAX_ROWS else "torch_int_mm"
+    if tiles:
+        if rows16:
+            return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
+        return "cpu_tiled" if rows >= CPU_TILED_MIN_ROWS else "cpu_gemv"
+    if layer.mode == "fp8":
+        return "torch_fp8_bf16"
+    if _int4_group(layer) is not None:
+        return "torch_int4"
+    return "torch_int8"
+
+
+def run(layer: Layer, x: torch.Tensor, path: str) -> torch.Tensor:
+    """``layer(x)`` along ``path``: input scale, the path's product, bias, back to ``x``'s dtype."""
+    if layer.input_scale is not None:
+        x = x / layer.input_scale.to(x.dtype)
+    if path == "reference":
+        return _reference_forward(layer, x).to(x.dtype)
+    impl = PATH_TABLE[path].run
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)
+    y2 = x2.new_zeros(0, layer.out_features) if x2.shape[0] == 0 else impl(layer, x2)
+    y = y2.reshape(*lead, layer.out_features)
+    if layer.bias is not None:
+        y = y.float() + layer.bias.float()
+    return y.to(x.dtype)
