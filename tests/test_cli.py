@@ -8,8 +8,8 @@ from torch import nn
 
 from qlab import cli
 from qlab.config import QuantConfig
-from qlab.io import save_quantized
 from qlab.driver import quantize_model
+from qlab.io import save_quantized
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlab.config import QuantConfig
+from qlab.driver import quantize_model
 from qlab.exercises import lesson04 as L4
 from qlab.exercises import lesson08 as L8
 from qlab.io import load_quantized, save_quantized
-from qlab.driver import quantize_model
 
 
 @pytest.fixture

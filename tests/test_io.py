@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from qlab.config import QuantConfig
-from qlab.io import FORMAT_VERSION, QuantizedFileError, load_quantized, read_metadata, save_quantized
 from qlab.driver import quantize_model
+from qlab.io import FORMAT_VERSION, QuantizedFileError, load_quantized, read_metadata, save_quantized
 from qlab.nn import QuantLinear
 
 K = 128
@@ -173,7 +173,9 @@ def test_tampered_qlab_metadata(saved):
 def test_tampered_spec(saved):
     _, path = saved
     _edit_qlab_meta(path, lambda m: m["layers"]["a"]["spec"].update(bits=11))
-    with pytest.raises(QuantizedFileError, match=r"layer a: invalid layer description.*bits must be an integer"):
+    with pytest.raises(
+        QuantizedFileError, match=r"layer a: invalid layer description.*bits must be an integer"
+    ):
         load_quantized(path, Net)
 
 

@@ -1,4 +1,4 @@
-"""Every registry method through the one driver on small models: data-driven ones beat RTN, bad input fails."""
+"""Every registry method through the one driver on small models: data-driven ones beat RTN."""
 
 from __future__ import annotations
 

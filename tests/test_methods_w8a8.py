@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlab.nn import Int8Linear, outlier_features
 from qlab.methods.smoothquant import smooth_scales
+from qlab.nn import Int8Linear, outlier_features
 
 
 def layer(seed: int = 0, features: int = 64, out: int = 32) -> nn.Linear:

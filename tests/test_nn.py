@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +33,11 @@ SETTINGS = {
     "w8 asym g64": (QuantConfig("rtn", 8, 64, symmetric=False), ("cpu_int8dot", "cpu_tiled"), "torch_int8"),
     "w4 g128": (QuantConfig("rtn", 4, 128), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
     "w4 g32": (QuantConfig("rtn", 4, 32), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
-    "w4 sym per-channel": (QuantConfig("rtn", 4, None, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
+    "w4 sym per-channel": (
+        QuantConfig("rtn", 4, None, symmetric=True),
+        ("cpu_int8dot", "cpu_tiled"),
+        "torch_int4",
+    ),
     "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
     "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
     "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
