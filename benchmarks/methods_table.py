@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qlab.methods.compare import DEFAULT_METHODS, compare_methods, format_table
+from qlab.compare import DEFAULT_METHODS, compare_methods, format_table
 
 
 def main(argv: list[str] | None = None) -> int:
