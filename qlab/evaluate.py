@@ -154,6 +154,21 @@ def perplexity(
     return math.exp(nll_sum / n_scored)
 
 
+def perplexity_label(ppl: float, vocab_size: int) -> str:
+    """``ppl`` as a reader should see it: ``"72.3"``, or ``"collapsed (worse than uniform guessing, 49,152)"``
+    once it exceeds ``vocab_size``, the perplexity of guessing every token uniformly.
+
+    Past that point the model is useless and its perplexity is noise in every digit: it moves with the
+    kernel, the thread count and the summation order, so printing it would teach nothing and would not
+    reproduce.
+    """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    if not math.isfinite(ppl) or ppl > vocab_size:
+        return f"collapsed (worse than uniform guessing, {vocab_size:,})"
+    return f"{ppl:.1f}"
+
+
 def default_sentences(n: int = 64) -> list[str]:
     """``n`` fixed passages from the evaluation plays, for comparing sentence embeddings.
 
