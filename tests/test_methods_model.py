@@ -158,7 +158,7 @@ def test_group_fitting_for_odd_widths() -> None:
     assert "lm_head" in over and len(over) == 2 * 7 + 1
 
 
-@pytest.mark.slow  # scores perplexity on the evaluation plays (needs `python -m qlab.models fetch`)
+@pytest.mark.slow  # scores perplexity on the evaluation plays (needs `qlab fetch`)
 def test_compare_methods_rows_on_a_tiny_model() -> None:
     pytest.importorskip("transformers")
 

