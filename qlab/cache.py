@@ -178,8 +178,14 @@ def pins_match(manifest: dict[str, Any] | None, src: ModelSource) -> bool:
 
 
 def _has_record(manifest: dict[str, Any]) -> bool:
+    """A manifest of the current format whose record gives a size and a sha256 for each file."""
     record = manifest.get("record")
-    return manifest.get("manifest") == MANIFEST_FORMAT and isinstance(record, dict) and bool(record)
+    if manifest.get("manifest") != MANIFEST_FORMAT or not isinstance(record, dict) or not record:
+        return False
+    return all(
+        isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get("sha256"), str)
+        for r in record.values()
+    )
 
 
 def _amount(n: int, of: int) -> str:

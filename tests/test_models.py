@@ -263,9 +263,18 @@ def test_a_library_error_on_intact_files_goes_on_unchanged(fake_plays):
         raise KeyError("not about the cache")
 
 
-def test_a_cache_from_an_older_qlab_is_checked_and_recorded_without_download(fake_plays, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "record",
+    [None, {"comedies/twelfth-night.md": {"size": "big"}}],
+    ids=["format-1 manifest", "malformed record"],
+)
+def test_a_cache_from_an_older_qlab_is_checked_and_recorded_without_download(
+    fake_plays, monkeypatch, capsys, record
+):
     manifest = _manifest(fake_plays)
     older = {k: v for k, v in manifest.items() if k not in ("manifest", "record")}  # what format 1 wrote
+    if record is not None:
+        older.update(manifest=cache.MANIFEST_FORMAT, record=record)
     (fake_plays / "qlab-source.json").write_text(json.dumps(older))
 
     def no_download(*args):
