@@ -152,23 +152,3 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     c = (packed.unsqueeze(-1) >> shifts) & MASKS[bits]
     return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8).contiguous()
-
-
-def pack_4bit_u8(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte: ``byte = c[2i+1] << 4 | c[2i]``."""
-    return pack(codes, 4)
-
-
-def unpack_4bit_u8(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_4bit_u8`; ``n`` defaults to ``2 * packed.shape[-1]``."""
-    return unpack(packed, 4, 2 * packed.shape[-1] if n is None else n)
-
-
-def pack_2bit_u8(codes: torch.Tensor) -> torch.Tensor:
-    """Four 2-bit codes per byte, first code in the lowest two bits."""
-    return pack(codes, 2)
-
-
-def unpack_2bit_u8(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_2bit_u8`."""
-    return unpack(packed, 2, 4 * packed.shape[-1] if n is None else n)

@@ -48,11 +48,9 @@ def test_layout_is_lsb_first_bitstream(bits):
 def test_documented_examples():
     assert packing.pack(torch.tensor([0b0001, 0b1010], dtype=torch.uint8), 4).tolist() == [0b1010_0001]
     assert packing.pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00_11_10_01]
-    assert packing.pack_4bit_u8(torch.tensor([3, 12], dtype=torch.uint8)).tolist() == [0xC3]
-    assert packing.unpack_4bit_u8(torch.tensor([0xC3], dtype=torch.uint8)).tolist() == [3, 12]
-    assert packing.unpack_2bit_u8(
-        packing.pack_2bit_u8(torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
-    ).tolist() == [
+    assert packing.pack(torch.tensor([3, 12], dtype=torch.uint8), 4).tolist() == [0xC3]
+    assert packing.unpack(torch.tensor([0xC3], dtype=torch.uint8), 4, 2).tolist() == [3, 12]
+    assert packing.unpack(packing.pack(torch.tensor([3, 2, 1, 0], dtype=torch.uint8), 2), 2, 4).tolist() == [
         3,
         2,
         1,
