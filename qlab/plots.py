@@ -268,15 +268,19 @@ def plot_error_histogram(
         beyond = int(((values < view[0]) | (values > view[1])).sum())
         ax_w.hist(np.clip(values, *view), bins=120, range=view, color="#4c72b0", alpha=0.8)
         ax_w.set_xlim(*view)
-        notes.append(f"zoomed on the bulk: {beyond} weights beyond, counted in the edge bars")
+        notes.append(f"zoomed on the bulk: {beyond} weights beyond, in the edge bars")
     if isinstance(qt_or_xhat, QuantizedTensor):
         grid, where = quantization_grid(x, qt_or_xhat)
         lines = grid.tolist()
         if _n_blocks(qt_or_xhat) > 1:
-            typical, where_typical = quantization_grid(x, qt_or_xhat, which="median")
+            typical, _ = quantization_grid(x, qt_or_xhat, which="median")
             for g in lines:  # the outlier's block, thin and dashed behind the typical grid
                 ax_w.axvline(g, color="#555555", linewidth=0.7, linestyle="--", alpha=0.6)
-            notes.insert(0, f"red: {where_typical}, {typical.numel()} levels; dashed: block holding max|x|")
+            n = _n_blocks(qt_or_xhat)
+            notes[:0] = [
+                f"red: grid of a typical block (median scale), {typical.numel()} levels",
+                f"dashed: grid of the block holding max|x| (1 of {n})",
+            ]
             lines = typical.tolist()
         else:
             notes.insert(0, f"red lines: {where}, {len(lines)} levels")
