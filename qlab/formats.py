@@ -100,6 +100,7 @@ __all__ = [
     "get_format",
     "round_to",
     "bits_of",
+    "describe_bits",
     "from_bits",
     "from_code",
     "downcast_error",
@@ -198,6 +199,8 @@ class BitFields:
     exponent: Tensor
     mantissa: Tensor
     fmt: FloatFormat
+    #: The values that were rounded into ``fmt`` (float64), when known: :func:`bits_of` records them.
+    source: Tensor | None = None
 
     @property
     def code(self) -> Tensor:
@@ -219,6 +222,42 @@ class BitFields:
     def __str__(self) -> str:
         strings = self.strings()
         return strings[0] if len(strings) == 1 else "\n".join(strings)
+
+    # One value: the pattern as a bit string, what is stored, and what rounding cost.
+    def _scalar(self) -> None:
+        if self.sign.numel() != 1:
+            raise ValueError(f"this property describes one value; these fields hold {self.sign.numel()}")
+
+    @property
+    def bits(self) -> str:
+        """The whole pattern of one value as a string of 0/1, sign first (``"0011110000000000"``)."""
+        self._scalar()
+        return self.strings()[0].replace(" ", "")
+
+    @property
+    def stored(self) -> float:
+        """The value the pattern holds: ``(-1)^s 2^(e - bias) (1 + m / 2^M)`` for a normal code."""
+        self._scalar()
+        return float(self.value())
+
+    @property
+    def abs_error(self) -> float:
+        """``|stored - source|``; nan when either is not finite or the source is unknown."""
+        self._scalar()
+        if self.source is None:
+            return math.nan
+        src = float(self.source)
+        if not (math.isfinite(src) and math.isfinite(self.stored)):
+            return math.nan
+        return abs(self.stored - src)
+
+    @property
+    def rel_error(self) -> float:
+        """``abs_error / |source|``; nan when the source is 0 or the error is nan."""
+        err = self.abs_error
+        if math.isnan(err) or float(self.source) == 0:  # type: ignore[arg-type]
+            return math.nan
+        return err / abs(float(self.source))  # type: ignore[arg-type]
 
 
 def bits_of(x: Tensor | float, fmt: FloatFormat | str, *, saturate: bool | None = None) -> BitFields:
@@ -254,7 +293,19 @@ def bits_of(x: Tensor | float, fmt: FloatFormat | str, *, saturate: bool | None 
     else:
         mantissa = torch.where(nan, 2**M - 1, mantissa)
     sign = torch.signbit(r).to(torch.int64)
-    return BitFields(sign, exponent, mantissa, fmt)
+    one = not isinstance(x, Tensor) or x.numel() == 1  # a whole tensor's float64 copy is not worth keeping
+    return BitFields(sign, exponent, mantissa, fmt, source=_as_float64(x) if one else None)
+
+
+def describe_bits(value: float, fmt: Format | str) -> BitFields:
+    """Round one Python number into the float format ``fmt`` (ties to even) and split its bit pattern:
+    ``.bits``, ``.stored``, ``.abs_error``, ``.rel_error``, and the fields themselves."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"value must be a Python number, got {type(value).__name__}")
+    f = get_format(fmt)
+    if not isinstance(f, FloatFormat):
+        raise ValueError(f"fmt must be a float format (sign/exponent/mantissa), got {f.name}")
+    return bits_of(float(value), f)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qlab.formats import FloatFormat, Format, bits_of, format_bytes, get_format, round_to
+from qlab.formats import FloatFormat, Format, describe_bits, format_bytes
 from qlab.metrics import max_abs_error, sqnr
 from qlab.quantize import QuantizedTensor
 
@@ -40,52 +40,6 @@ def _pyplot() -> Any:
 
 # ---------------------------------------------------------------------------------------------------------
 # Bit layout
-
-
-@dataclass(frozen=True)
-class BitLayout:
-    """A value rounded into a float format, with the fields of its bit pattern.
-
-    ``stored = (-1)^sign * 2^(exponent - bias) * (1 + mantissa / 2^M)`` (normal codes); ``abs_error`` is
-    ``|stored - value|`` and ``rel_error`` that over ``|value|`` (nan when value is 0 or not finite).
-    """
-
-    fmt: FloatFormat
-    value: float
-    stored: float
-    sign: int
-    exponent: int
-    mantissa: int
-
-    @property
-    def bits(self) -> str:
-        """The whole pattern as a string of 0/1, sign first."""
-        E, M = self.fmt.exponent_bits, self.fmt.mantissa_bits
-        return f"{self.sign}{self.exponent:0{E}b}" + (f"{self.mantissa:0{M}b}" if M else "")
-
-    @property
-    def abs_error(self) -> float:
-        if not (math.isfinite(self.value) and math.isfinite(self.stored)):
-            return math.nan
-        return abs(self.stored - self.value)
-
-    @property
-    def rel_error(self) -> float:
-        if self.value == 0 or not math.isfinite(self.abs_error):
-            return math.nan
-        return self.abs_error / abs(self.value)
-
-
-def describe_bits(value: float, fmt: Format | str) -> BitLayout:
-    """Round ``value`` into the float format ``fmt`` (ties to even) and split its bit pattern."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"value must be a Python number, got {type(value).__name__}")
-    f = get_format(fmt)
-    if not isinstance(f, FloatFormat):
-        raise ValueError(f"fmt must be a float format (sign/exponent/mantissa), got {f.name}")
-    fields = bits_of(float(value), f)
-    stored = float(round_to(float(value), f))
-    return BitLayout(f, float(value), stored, int(fields.sign), int(fields.exponent), int(fields.mantissa))
 
 
 def _fmt_value(v: float) -> str:
@@ -452,9 +406,7 @@ def figure_png(fig: Figure, *, close: bool = True, dpi: int = 80) -> bytes:
 
 __all__ = [
     "LAYOUT_FORMATS",
-    "BitLayout",
     "ErrorStats",
-    "describe_bits",
     "error_stats",
     "quantization_grid",
     "plot_bit_layout",

@@ -109,11 +109,16 @@ class Method:
     kwargs: frozenset[str] = field(default_factory=frozenset)
     #: Whether symmetric (signed, zero-free) codes are allowed.
     allows_symmetric: bool = True
+    #: A data-free weight quantizer ``(w, spec, **kwargs) -> QuantizedTensor``; ``build`` then defaults to
+    #: packing its result into a QuantLinear.
+    quantize_weight: Callable[..., QuantizedTensor] | None = None
     build: Build | None = None
     model_pass: ModelPass | None = None
     wrap: Wrap = _wrap_packed
 
     def __post_init__(self) -> None:
+        if self.build is None and self.quantize_weight is not None:
+            object.__setattr__(self, "build", _weight_layer(self.quantize_weight))
         if (self.build is None) == (self.model_pass is None):
             raise ValueError(f"method {self.name!r}: give exactly one of build (data-free) and model_pass")
         if self.calibrated != (self.model_pass is not None):
@@ -125,15 +130,15 @@ METHODS: dict[str, Method] = {
     for m in (
         Method(
             "rtn", "round-to-nearest integers, 1-8 bits (no data)", ALL_BITS, False, True, "weight",
-            affine_spec, build=_weight_layer(quantize),
+            affine_spec, quantize_weight=quantize,
         ),
         Method(
             "nf4", "4-bit NormalFloat lookup, absmax per block (QLoRA; no data)", (4,), False, True,
-            "weight", _codebook("nf4"), build=_weight_layer(quantize),
+            "weight", _codebook("nf4"), quantize_weight=quantize,
         ),
         Method(
             "fp4", "4-bit float e2m1 lookup, absmax per block (no data)", (4,), False, True, "weight",
-            _codebook("fp4"), build=_weight_layer(quantize),
+            _codebook("fp4"), quantize_weight=quantize,
         ),
         Method(
             "fp8", "FP8 e4m3 weights, one scale per output row (no data)", (8,), False, False, "fp8",
@@ -147,7 +152,7 @@ METHODS: dict[str, Method] = {
             "hqq", "half-quadratic zero-point optimization of an lp weight error (no data)", ALL_BITS,
             False, True, "weight", affine_spec,
             kwargs=frozenset({"p", "iters", "beta", "kappa", "optimize_scale", "init"}),
-            allows_symmetric=False, build=_weight_layer(hqq_quantize),
+            allows_symmetric=False, quantize_weight=hqq_quantize,
         ),
         Method(
             "llm_int8", "W8A8 with outlier input features kept in float (LLM.int8; no data)", (8,), False,

@@ -22,13 +22,23 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from qlab.codebooks import codebook_spec
-from qlab.formats import FloatFormat, format_bytes, from_code, get_format
+from qlab.explorer import (  # re-exported: the explorer's computations, without widgets
+    Quantizer,
+    available_methods,
+    awq_method,
+    data_methods,
+    default_tensors,
+    explorer_quantize,
+    gptq_method,
+    output_sqnr,
+    reconstruct,
+)
+from qlab.formats import FloatFormat, describe_bits, format_bytes, from_code, get_format
 from qlab.picker import (
     DEFAULT_MEMORY,
     HARDWARE,
@@ -43,19 +53,13 @@ from qlab.plots import (
     LAYOUT_FORMATS,
     MANTISSA_COLOR,
     SIGN_COLOR,
-    describe_bits,
     error_stats,
     figure_png,
     plot_bit_layout,
     plot_error_histogram,
     plot_memory,
 )
-from qlab.quantize import QuantizedTensor, QuantSpec, quantize
-
-#: A quantizer the error-histogram explorer can call: ``(x, spec) -> QuantizedTensor``, or
-#: ``(x, spec) -> (QuantizedTensor of x * s, s)`` for methods that scale input channels first (AWQ), whose
-#: reconstruction is ``dequantize() / s``.
-Quantizer = Callable[[torch.Tensor, QuantSpec], "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]"]
+from qlab.quantize import QuantizedTensor
 
 
 def _ipywidgets() -> Any:
@@ -197,132 +201,6 @@ def bit_layout_explorer(
 # Error-histogram explorer
 
 
-def default_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights to explore: Gaussian, Gaussian with a few large outliers, and uniform."""
-    g = torch.Generator().manual_seed(seed)
-    normal = torch.randn(256, 512, generator=g) * 0.02
-    outliers = normal.clone()
-    idx = torch.randint(0, outliers.numel(), (64,), generator=g)
-    outliers.view(-1)[idx] *= 25  # a handful of weights 25x larger, as some real layers have
-    uniform = (torch.rand(256, 512, generator=g) * 2 - 1) * 0.05
-    return {"normal 256x512": normal, "normal + outliers 256x512": outliers, "uniform 256x512": uniform}
-
-
-def _rtn(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    return quantize(x, spec)
-
-
-def _codebook(name: str) -> Quantizer:
-    def q(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-        if spec.granularity == "tensor":
-            raise ValueError(f"{name.upper()} scales blocks of the last dim: choose 'channel' or 'group'")
-        block = spec.group_size if spec.granularity == "group" else x.shape[-1]
-        assert block is not None
-        return quantize(x, codebook_spec(name, block))
-
-    return q
-
-
-def available_methods() -> dict[str, Quantizer]:
-    """Data-free quantizers the explorer offers: RTN, NF4, FP4, and HQQ when :mod:`qlab.methods.hqq` is
-    present. (GPTQ needs layer inputs: the explorer adds it when it is given some, see
-    :func:`error_histogram_explorer`.)"""
-    methods: dict[str, Quantizer] = {"RTN": _rtn, "NF4": _codebook("nf4"), "FP4": _codebook("fp4")}
-    try:
-        from qlab.methods.hqq import hqq_quantize
-    except ImportError:
-        pass
-    else:
-        methods["HQQ"] = hqq_quantize
-    return methods
-
-
-def gptq_method(inputs: torch.Tensor) -> Quantizer:
-    """A quantizer that runs GPTQ with the Hessian ``2 XᵀX / n`` of the layer inputs ``inputs`` [..., in]."""
-    from qlab.calibration import hessian
-    from qlab.methods.gptq import gptq_quantize
-
-    H = hessian(inputs.detach().float())
-    return lambda x, spec: gptq_quantize(x, H, spec)
-
-
-def awq_method(inputs: torch.Tensor) -> Quantizer:
-    """A quantizer that runs AWQ on the layer inputs ``inputs`` [..., in]; it returns ``(qt, s)`` where
-    ``qt`` quantizes ``x * s`` (columns scaled) and the layer divides its input by ``s``."""
-    from qlab.methods.awq import awq_quantize
-
-    X = inputs.detach().float()
-    return lambda x, spec: awq_quantize(x, X, spec)
-
-
-def _data_methods() -> dict[str, Callable[[torch.Tensor], Quantizer]]:
-    """Methods that need layer inputs, by name, as factories ``inputs -> Quantizer``."""
-    import importlib.util
-
-    found: dict[str, Callable[[torch.Tensor], Quantizer]] = {}
-    for name, module, factory in (
-        ("GPTQ", "qlab.methods.gptq", gptq_method),
-        ("AWQ", "qlab.methods.awq", awq_method),
-    ):
-        if importlib.util.find_spec(module) is not None:
-            found[name] = factory
-    return found
-
-
-def reconstruct(
-    x: torch.Tensor, result: QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]
-) -> tuple[torch.Tensor, QuantizedTensor | None, float]:
-    """``(x_hat, qt or None, bits per weight)`` for a quantizer's result.
-
-    For ``(qt, s)`` (AWQ) the reconstruction is ``qt.dequantize() / s`` and the fp32 vector ``s`` is counted
-    in the storage (it stays with the layer unless folded into a preceding norm). Its grid is not drawn: each
-    input column has its own.
-    """
-    if isinstance(result, QuantizedTensor):
-        return result.dequantize(torch.float32), result, result.bits_per_weight
-    qt, s = result
-    xhat = qt.dequantize(torch.float32) / s.float()
-    bpw = qt.bits_per_weight + 32 * s.numel() / x.numel()
-    return xhat, None, bpw
-
-
-def explorer_quantize(
-    x: torch.Tensor,
-    method: str = "RTN",
-    bits: int = 4,
-    symmetric: bool = False,
-    granularity: str = "group",
-    group_size: int = 64,
-    methods: Mapping[str, Quantizer] | None = None,
-    scale_dtype: torch.dtype = torch.float32,
-) -> QuantizedTensor:
-    """What the error-histogram explorer computes for one setting of its controls.
-
-    ``scale_dtype`` is the dtype scales and zeros are stored in (it counts in the bits per weight). Codebook
-    methods (NF4, FP4) ignore ``bits``, ``symmetric`` and ``scale_dtype``: they are 4-bit formats with an
-    fp32 absmax per block.
-    """
-    methods = available_methods() if methods is None else methods
-    if method not in methods:
-        raise ValueError(f"method must be one of {list(methods)}, got {method!r}")
-    kw: dict[str, Any] = {"group_size": group_size} if granularity == "group" else {}
-    if method in ("NF4", "FP4"):
-        spec = QuantSpec(bits=4, symmetric=False, granularity=granularity, **kw)  # type: ignore[arg-type]
-    else:
-        spec = QuantSpec(
-            bits=bits, symmetric=symmetric, granularity=granularity, scale_dtype=scale_dtype, **kw
-        )  # type: ignore[arg-type]
-    return methods[method](x, spec)
-
-
-def output_sqnr(x: torch.Tensor, xhat: torch.Tensor, inputs: torch.Tensor) -> float:
-    """SQNR (dB) of the layer output ``inputs @ x.T`` vs ``inputs @ xhat.T``: the error GPTQ minimizes."""
-    from qlab.metrics import sqnr
-
-    a = inputs.detach().double().reshape(-1, inputs.shape[-1])
-    return sqnr(a @ x.detach().double().T, a @ xhat.detach().double().T)
-
-
 def error_histogram_explorer(
     tensors: Mapping[str, torch.Tensor] | None = None,
     *,
@@ -360,8 +238,8 @@ def error_histogram_explorer(
         if not isinstance(a, torch.Tensor) or a.shape[-1] != tensors[name].shape[-1]:
             raise ValueError(f"inputs[{name!r}] must be a tensor [..., {tensors[name].shape[-1]}]")
     all_methods: dict[str, Quantizer | None] = {**available_methods(), **(methods or {})}
-    data_methods = _data_methods() if inputs else {}
-    for method_name in data_methods:
+    from_inputs = data_methods() if inputs else {}
+    for method_name in from_inputs:
         all_methods.setdefault(method_name, None)  # built per tensor from its inputs, on first use
     data_cache: dict[tuple[str, str], Quantizer] = {}
     first = next(iter(tensors))
@@ -419,7 +297,7 @@ def error_histogram_explorer(
                 impossible(f"{method} needs layer inputs for {name}")
                 return
             if (method, name) not in data_cache:
-                data_cache[method, name] = data_methods[method](inputs[name])
+                data_cache[method, name] = from_inputs[method](inputs[name])
             chosen[method] = data_cache[method, name]
         c["bits"].disabled = c["symmetric"].disabled = c["scale_dtype"].disabled = codebook
         c["group_size"].disabled = c["granularity"].value != "group"

@@ -14,9 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from qlab.codebooks import quantize_nf4  # noqa: E402
-from qlab.formats import format_bytes  # noqa: E402
+from qlab.formats import describe_bits, format_bytes  # noqa: E402
 from qlab.plots import (  # noqa: E402
-    describe_bits,
     error_stats,
     figure_png,
     plot_bit_layout,

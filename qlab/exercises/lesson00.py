@@ -7,8 +7,8 @@ a wrong answer gets a hint towards the reasoning, never the number.
 from __future__ import annotations
 
 from qlab.exercises import AnswerError, CheckResult, answer_check, as_number, report
+from qlab.formats import describe_bits
 from qlab.picker import MODELS, SCHEMES, estimate_memory, recommend
-from qlab.plots import describe_bits
 
 
 @answer_check("fp16 bits")
