@@ -16,12 +16,13 @@ and then multiplied by one of:
   into one reused buffer (sized to stay in cache) and multiplies each block with torch's bf16 GEMM
   (oneDNN; AMX tiles where the CPU has them), so the whole float ``W`` never exists.
 
-The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) at
+The C source is compiled with the system C compiler (``$CC``, else ``cc``) at
 ``-O3 -march=native -fopenmp`` into ``$QLAB_CACHE/kernels`` (else ``~/.cache/qlab/kernels``), keyed
-by a hash of the source and flags, so a later import only loads it. ``QLAB_CPU_KERNELS=0`` turns
-it off. Where no compiler works, :func:`load` returns None and :mod:`qlab.nn` keeps its torch paths
-(the reason is in :func:`status`). It links the OpenMP runtime torch already loaded (same soname),
-so it shares torch's threads instead of competing with them.
+by a hash of the source and flags, when this module is first imported (not lazily on the first
+call: ``torch.compile`` must never trace the build); a later import only loads it.
+``QLAB_CPU_KERNELS=0`` turns it off. Where no compiler works, :func:`load` returns None and
+:mod:`qlab.nn` keeps its torch paths (the reason is in :func:`status`). It links the OpenMP runtime
+torch already loaded (same soname), so it shares torch's threads instead of competing with them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,6 @@ ABI = 6  # must match QLAB_CPU_ABI in cpu.c
 #: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
 TILE_ROWS = 512
 
-_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status = "not loaded yet"
 _P = ctypes.c_void_p
@@ -132,39 +131,41 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _load_default() -> None:
+    """Build (or find in the cache) and bind the default library, once, when this module is imported.
+
+    At import rather than on the first kernel call, so that ``torch.compile`` never traces into the
+    build (a lock, a subprocess, file I/O): Dynamo cannot, and with ``fullgraph=True`` a QuantLinear
+    compiled before its first eager call failed there.
+    """
+    global _lib, _status
+    if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
+        _status = "disabled by QLAB_CPU_KERNELS=0"
+        return
+    try:
+        lib = _bind(build())
+        feats = [
+            f for f, on in (("avx512-bf16", lib.qlab_cpu_bf16()), ("avx512-vnni", lib.qlab_cpu_vnni())) if on
+        ]
+        _lib, _status = lib, ", ".join(feats) or "portable C"
+    except (OSError, RuntimeError) as err:
+        _status = f"unavailable: {err}"
+
+
 def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
-    """The compiled kernels (built on first call), or None where they cannot be built or are disabled.
+    """The compiled kernels (built when this module is first imported), or None where they cannot be
+    built or are disabled.
 
     With ``path``, load that library instead (tests use it for a portable, non-AVX-512 build).
     """
-    global _lib, _status
     if path is not None:
         return _bind(Path(path))
-    if _lib is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _status != "not loaded yet":
-            return _lib
-        if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
-            _status = "disabled by QLAB_CPU_KERNELS=0"
-            return None
-        try:
-            _lib = _bind(build())
-            feats = [
-                f
-                for f, on in (("avx512-bf16", _lib.qlab_cpu_bf16()), ("avx512-vnni", _lib.qlab_cpu_vnni()))
-                if on
-            ]
-            _status = ", ".join(feats) or "portable C"
-        except (OSError, RuntimeError) as err:
-            _status = f"unavailable: {err}"
-        return _lib
+    return _lib
 
 
 def status() -> str:
     """How the CPU kernels stand: the vector extensions compiled in (``"avx512-bf16, avx512-vnni"``),
     ``"portable C"``, or why they are unavailable."""
-    load()
     return _status
 
 
@@ -835,3 +836,6 @@ def tiled_matmul(
         return _FP8_TILED_MATMUL(*fargs) if lib is None else _fp8_tiled_matmul_kernel(lib, *fargs)
     args = (x, w.codes, w.scale, w.zero, w.table, w.bits, w.group_size, rows)
     return _TILED_MATMUL(*args) if lib is None else _tiled_matmul_kernel(lib, *args)
+
+
+_load_default()
