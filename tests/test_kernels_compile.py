@@ -1,4 +1,4 @@
-"""The C kernels as torch operators (``torch.ops.qlab.*``): opcheck, FakeTensor tracing, torch.compile.
+"""qlab's kernels as torch operators (``torch.ops.qlab.*``): opcheck, FakeTensor tracing, torch.compile.
 
 Every entry point of :mod:`qlab.kernels.cpu` is an operator whose fake kernel only allocates the
 output, so tracing never hands a tensor without storage to ctypes. Compiled code calls the same
@@ -6,25 +6,41 @@ opaque operators on the same tensors as eager code, so compiled outputs must equ
 for bit (``torch.equal``): the kernels are deterministic (one thread owns each output row; the
 prefill GEMM is torch's own, with the same shapes) and the torch ops around them here are exact.
 
-Compiling is slow on two cores: one compiled function covers all five operators, the model test
+The Triton operators (``dequant_matmul``, ``quantize_pack``) run here in Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before triton is imported), where they are opaque
+``custom_op``s with shape-only fake kernels; on a GPU they are ``triton_op``s (see ``_launch.py``)
+and the same tests check those.
+
+Compiling is slow on two cores: one compiled function covers all five C operators, the model test
 uses the ``aot_eager`` backend, and the file resets Dynamo before and after itself.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from qlab.kernels import cpu
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from qlab.codebooks import codebook_table
-from qlab.config import QuantConfig
-from qlab.nn import QuantLinear, select_path
+if not torch.cuda.is_available():  # as conftest.py: before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytestmark = pytest.mark.skipif(cpu.load() is None, reason=f"CPU kernels unavailable: {cpu.status()}")
+import qlab.kernels  # noqa: E402
+from qlab.kernels import cpu  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
+
+from qlab import packing  # noqa: E402
+from qlab.codebooks import NF4_VALUES, codebook_table  # noqa: E402
+from qlab.config import QuantConfig  # noqa: E402
+from qlab.nn import QuantLinear, select_path  # noqa: E402
+
+NEEDS_C = pytest.mark.skipif(cpu.load() is None, reason=f"CPU kernels unavailable: {cpu.status()}")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NEEDS_TRITON = pytest.mark.skipif(
+    not qlab.kernels.available(TRITON_DEVICE), reason="triton is not installed, or cannot run here"
+)
 
 K = 256
 
@@ -97,6 +113,7 @@ OPCHECK_CASES = [
 ]
 
 
+@NEEDS_C
 def test_every_kernel_is_an_operator():
     assert set(cpu.OPS) == {c[0] for c in OPCHECK_CASES}
     for name in cpu.OPS:
@@ -106,6 +123,7 @@ def test_every_kernel_is_an_operator():
         assert not schema.is_mutable
 
 
+@NEEDS_C
 @pytest.mark.parametrize("name,key,kw", OPCHECK_CASES, ids=[f"{c[0]}-{c[1]}" for c in OPCHECK_CASES])
 def test_opcheck(name, key, kw):
     """Schema, autograd registration, fake kernel vs real kernel (shapes, dtypes, strides), AOT dispatch."""
@@ -113,6 +131,7 @@ def test_opcheck(name, key, kw):
     torch.library.opcheck(op, args)
 
 
+@NEEDS_C
 def test_fake_tensors_never_reach_ctypes(monkeypatch):
     """Under FakeTensorMode the fake kernels answer alone: the C library is never asked for."""
 
@@ -141,6 +160,7 @@ def test_fake_tensors_never_reach_ctypes(monkeypatch):
     assert outs["tiled"].stride() == (1, 5) and outs["fp8_tiled"].stride() == (1, 5)
 
 
+@NEEDS_C
 def test_operators_reject_bad_sizes_before_any_pointer():
     """The operators can be called directly (torch.ops.qlab.*): every size is checked, not trusted."""
     op, args = _op_args("gemv", "blocks_int4", _x(2))
@@ -173,6 +193,7 @@ def _all_kernels(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
+@NEEDS_C
 def test_compiled_kernels_equal_eager_bit_for_bit():
     """fullgraph compile (Inductor) of gemv_int8dot, gemv, tiled_matmul (affine, codebook, FP8, W8A8):
     no graph break, and the same bits as eager, for one row and then for a batch (dynamic M after a
@@ -186,6 +207,7 @@ def test_compiled_kernels_equal_eager_bit_for_bit():
             assert torch.equal(g, w)
 
 
+@NEEDS_C
 def test_compiled_quantized_model_equals_eager():
     """A small model of QuantLinear layers on every C path (int8-dot, bf16 gemv, FP8, tiles), compiled
     with fullgraph before any eager call (cold layer caches), equals eager bit for bit.
@@ -212,3 +234,54 @@ def test_compiled_quantized_model_equals_eager():
         want = [model(x1), model(x20), model(x1)]
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton operators
+# ------------------------------------------------------------------------------------------------
+def _triton_case(
+    m: int, n: int, k: int, g: int, codebook: bool, seed: int
+) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``x`` and the ``qlab::dequant_matmul`` arguments for a seeded int4 (or NF4) weight."""
+    qlab.kernels.dequant_matmul  # noqa: B018 (imports the module, which registers the operator)
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen).to(torch.uint8)
+    words = packing.pack_int32(codes, 4).to(TRITON_DEVICE)
+    scale = (torch.rand(n, k // g, generator=gen) + 0.05).to(TRITON_DEVICE)
+    zero = None if codebook else torch.randint(0, 16, (n, k // g), generator=gen).float().to(TRITON_DEVICE)
+    table = NF4_VALUES.float().to(TRITON_DEVICE) if codebook else None
+    x = torch.randn(m, k, generator=gen).to(TRITON_DEVICE)
+    return x, (words, scale, zero, table, 4, g, n, k)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize(
+    "m,codebook,path", [(3, False, "decode"), (2, True, "auto"), (20, False, "prefill")]
+)  # fmt: skip
+def test_opcheck_dequant_matmul(m, codebook, path):
+    x, args = _triton_case(m, 24, 64, 32, codebook, seed=m)
+    torch.library.opcheck(torch.ops.qlab.dequant_matmul.default, (x, *args, path))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (2, True)])
+def test_opcheck_quantize_pack(bits, symmetric):
+    qlab.kernels.quantize_pack  # noqa: B018 (imports the module, which registers the operator)
+    w = torch.randn(20, 64, generator=torch.Generator().manual_seed(bits)).to(TRITON_DEVICE)
+    torch.library.opcheck(torch.ops.qlab.quantize_pack.default, (w, bits, 32, symmetric))
+
+
+@NEEDS_TRITON
+def test_compiled_triton_kernels_equal_eager():
+    """fullgraph compile of quantize_pack then dequant_matmul (decode, split-K) equals eager bit for bit."""
+    from qlab.kernels import dequant_matmul, quantize_pack
+
+    def quantize_and_multiply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        p = quantize_pack(w, 4, 32)
+        return dequant_matmul(x, p.packed, p.scale, p.zero, bits=4, group_size=32, n=w.shape[0], k=w.shape[1])
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=gen).to(TRITON_DEVICE)
+    x = torch.randn(2, 64, generator=gen).to(TRITON_DEVICE)
+    compiled = torch.compile(quantize_and_multiply, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(w, x), quantize_and_multiply(w, x))
