@@ -18,6 +18,8 @@ uses the ``aot_eager`` backend, and the file resets Dynamo before and after itse
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -285,3 +287,41 @@ def test_compiled_triton_kernels_equal_eager():
     x = torch.randn(2, 64, generator=gen).to(TRITON_DEVICE)
     compiled = torch.compile(quantize_and_multiply, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(w, x), quantize_and_multiply(w, x))
+
+
+_TRITON_OP_SCRIPT = """
+import torch
+from functorch.compile import aot_function
+from qlab.kernels import dequant_matmul, quantize_pack  # registers both operators
+graphs = []
+
+def keep(gm, inputs):
+    graphs.append(gm.code)
+    return gm
+
+def run(fn, *args):
+    try:
+        aot_function(fn, fw_compiler=keep)(*args)
+    except Exception:
+        pass  # the traced graph is what we want; no GPU runs it
+
+meta = dict(device="meta")
+run(lambda x, w, s, z: torch.ops.qlab.dequant_matmul(x, w, s, z, None, 4, 32, 24, 64, "decode"),
+    torch.empty(3, 64, **meta), torch.empty(24, 8, dtype=torch.int32, **meta),
+    torch.empty(24, 2, **meta), torch.empty(24, 2, **meta))
+run(lambda w: torch.ops.qlab.quantize_pack(w, 4, 32, False), torch.empty(20, 64, **meta))
+print(len(graphs), [g.count("triton_kernel_wrapper_functional(") for g in graphs])
+"""
+
+
+@pytest.mark.skipif(not qlab.kernels.HAS_TRITON, reason="triton is not installed")
+def test_triton_op_route_captures_the_kernels():
+    """Without the interpreter (a GPU's route) the operators are ``triton_op``s: AOT tracing, as in
+    torch.compile, decomposes them into the Triton launches themselves (one for dequant_matmul, two
+    for quantize_pack). Traced on meta tensors in a subprocess, since no GPU runs them here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRITON_OP_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "2 [1, 2]", out.stdout + out.stderr[-2000:]
