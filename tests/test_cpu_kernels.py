@@ -320,6 +320,19 @@ def test_bad_inputs_are_named():
         cpu.tiled_matmul(torch.randn(2, 64), w, rows=0)
 
 
+def test_operators_equal_the_direct_calls():
+    """The public functions run torch.ops.qlab.*; with ``lib=`` they call the library directly: same bits."""
+    codes, scale, zero, _ = make(4, 32, 256, 64, seed=9)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    w16, wb = cpu.prepare_rows16(codes, 4, 64, scale, zero), cpu.prepare(codes, 4, 64, scale, zero)
+    w8 = cpu.prepare_fp8(torch.randn(32, 256).to(torch.float8_e4m3fn), torch.rand(32))
+    for fn, w in ((cpu.gemv_int8dot, w16), (cpu.gemv, wb), (cpu.gemv, w8), (cpu.tiled_matmul, wb),
+                  (cpu.tiled_matmul, w8)):  # fmt: skip
+        y, direct = fn(x, w), fn(x, w, lib=lib)
+        assert y.stride() == direct.stride() and torch.equal(y, direct)
+    assert cpu.gemv_int8dot(x[:0], w16).shape == (0, 32)  # an empty batch never reaches C
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_portable_build_matches_the_native_one(tmp_path):
     """The non-AVX-512 branch of cpu.c (what other CPUs run) computes the same results."""
