@@ -28,21 +28,19 @@ torch already loaded (same soname), so it shares torch's threads instead of comp
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from qlab.quantize import per_group
+from qlab.affine import quantize_rows_int8
+from qlab.tensor import per_group
 
 __all__ = [
+    "ABI",
+    "FLAGS",
+    "OPS",
+    "SOURCE",
+    "TILE_ROWS",
     "CpuWeight",
     "Fp8Weight",
     "RowsWeight",
@@ -62,111 +60,24 @@ __all__ = [
     "kernel_bits",
 ]
 
-SOURCE = Path(__file__).with_name("cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-ABI = 6  # must match QLAB_CPU_ABI in cpu.c
-#: Rows of W dequantized per block by :func:`tiled_matmul` (512 x 4096 bf16 = 4 MiB, the L2 of 2 cores).
-TILE_ROWS = 512
-
-_lib: ctypes.CDLL | None = None
-_status = "not loaded yet"
-_P = ctypes.c_void_p
-_L = ctypes.c_long
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("QLAB_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qlab") / "kernels"
-
-
-def build(out_dir: str | os.PathLike[str] | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
-    """Compile ``cpu.c`` with ``flags`` into ``out_dir`` (default: the cache) and return the library's path.
-
-    The file name carries a hash of the source, flags and compiler, so a changed source rebuilds and
-    concurrent builders (pytest workers) each write a temporary file and rename it into place.
-    Raises RuntimeError with the compiler's message when it fails.
-    """
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((flags, cc)).encode()).hexdigest()[:16]
-    root = Path(out_dir) if out_dir is not None else _cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"qlab_cpu_{key}.so"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.qlab_cpu_abi() != ABI:
-        raise RuntimeError(f"{path} has ABI {lib.qlab_cpu_abi()}, expected {ABI}")
-    i32 = ctypes.c_int
-    # (M, N, K, bits, g, then pointers, threads); see the C signatures
-    lib.qlab_gemv.argtypes = [i32, _L, _L, i32, _L] + [_P] * 7 + [i32]
-    lib.qlab_gemv_i8.argtypes = [i32, _L, _L, i32, _L, i32] + [_P] * 7 + [i32]
-    lib.qlab_dequant_bf16.argtypes = [_L, _L, _L, i32, _L] + [_P] * 5 + [i32]
-    lib.qlab_fp8_gemv.argtypes = [i32, _L, _L] + [_P] * 4 + [i32]
-    lib.qlab_fp8_dequant_bf16.argtypes = [_L, _L, _L] + [_P] * 3 + [i32]
-    for fn in (
-        lib.qlab_gemv,
-        lib.qlab_gemv_i8,
-        lib.qlab_dequant_bf16,
-        lib.qlab_fp8_gemv,
-        lib.qlab_fp8_dequant_bf16,
-    ):
-        fn.restype = i32
-    return lib
-
-
-def _load_default() -> None:
-    """Build (or find in the cache) and bind the default library, once, when this module is imported.
-
-    At import rather than on the first kernel call, so that ``torch.compile`` never traces into the
-    build (a lock, a subprocess, file I/O): Dynamo cannot, and with ``fullgraph=True`` a QuantLinear
-    compiled before its first eager call failed there.
-    """
-    global _lib, _status
-    if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
-        _status = "disabled by QLAB_CPU_KERNELS=0"
-        return
-    try:
-        lib = _bind(build())
-        feats = [
-            f for f, on in (("avx512-bf16", lib.qlab_cpu_bf16()), ("avx512-vnni", lib.qlab_cpu_vnni())) if on
-        ]
-        _lib, _status = lib, ", ".join(feats) or "portable C"
-    except (OSError, RuntimeError) as err:
-        _status = f"unavailable: {err}"
-
-
-def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
-    """The compiled kernels (built when this module is first imported), or None where they cannot be
-    built or are disabled.
-
-    With ``path``, load that library instead (tests use it for a portable, non-AVX-512 build).
-    """
-    if path is not None:
-        return _bind(Path(path))
-    return _lib
-
-
-def status() -> str:
-    """How the CPU kernels stand: the vector extensions compiled in (``"avx512-bf16, avx512-vnni"``),
-    ``"portable C"``, or why they are unavailable."""
-    return _status
+from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, load, status
+from qlab.kernels.cpu_library import _load_default as _load_library
+from qlab.kernels.cpu_ops import (
+    _FP8_GEMV,
+    _FP8_TILED_MATMUL,
+    _GEMV,
+    _GEMV_INT8DOT,
+    _TILED_MATMUL,
+    OPS,
+    TILE_ROWS,
+    _check_rows,
+    _fp8_gemv_kernel,
+    _fp8_tiled_matmul_kernel,
+    _gemv_int8dot_kernel,
+    _gemv_kernel,
+    _tiled_matmul_kernel,
+    fits_fp8,
+)
 
 
 def _code_width(bits: int, group_size: int, unit_bytes: int) -> int | None:
@@ -287,11 +198,6 @@ class Fp8Weight:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.codes, self.scale)
-
-
-def fits_fp8(in_features: int) -> bool:
-    """Whether an FP8 weight with this many inputs runs on the kernels (32 codes per vector)."""
-    return in_features >= 32 and in_features % 32 == 0
 
 
 def prepare_fp8(weight: torch.Tensor, scale: torch.Tensor) -> Fp8Weight:
@@ -416,368 +322,17 @@ def split_activations(x: torch.Tensor, planes: int = 2) -> tuple[torch.Tensor, t
         raise ValueError(f"planes must be 1 or 2, got {planes!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor [M, K], got {getattr(x, 'shape', type(x).__name__)}")
+    if planes == 1:  # W8A8's per-token int8: the one definition qlab.affine holds
+        q, s = quantize_rows_int8(x)
+        sx = torch.where(q.abs().amax(dim=1, keepdim=True) > 0, s, torch.zeros_like(s))
+        return sx, q, torch.zeros_like(q)
     xf = x.float()
     sx = xf.abs().amax(dim=1, keepdim=True) / 127
     t = torch.where(sx > 0, xf / torch.where(sx > 0, sx, torch.ones_like(sx)), torch.zeros_like(xf))
     t = t.clamp(-127, 127)
     q1 = torch.round(t)
-    q2 = torch.round((t - q1) * 254).clamp(-127, 127) if planes == 2 else torch.zeros_like(q1)
+    q2 = torch.round((t - q1) * 254).clamp(-127, 127)
     return sx, q1.to(torch.int8), q2.to(torch.int8)
-
-
-# ------------------------------------------------------------------------------------------------
-# The kernels as torch operators: torch.ops.qlab.*
-# ------------------------------------------------------------------------------------------------
-# Each C entry point is one operator taking only tensors and ints, so torch.compile, export and
-# FakeTensor tracing see it as one opaque node: the fake kernel (``register_fake``) allocates the
-# output from shapes alone, and the ctypes call, which takes raw pointers, runs only in the CPU
-# kernel, on tensors that own memory. The public functions below unpack a prepared weight into
-# those tensors and ints and call the operator.
-#
-# The operators are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``:
-# the latter adds a Python autograd kernel in front of the CPU kernel (two trips from C++ into
-# Python), measured at 9.3 µs a call against 2.9 µs here (benchmarks/bench_op_overhead.py),
-# while a 576x576 int8-dot decode takes ~12 µs. The ops have no backward (qlab.nn takes its
-# reference path whenever x requires grad); torch's default autograd fallback warns if one is
-# ever differentiated through. Each kernel checks every size it turns into a pointer range, once.
-_LIB = torch.library.Library("qlab", "FRAGMENT")
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _require(lib: ctypes.CDLL | None) -> ctypes.CDLL:
-    lib = lib or load()
-    if lib is None:
-        raise RuntimeError(f"qlab's CPU kernels are not available: {status()}")
-    return lib
-
-
-def _check_x(x: torch.Tensor, k: int) -> int:
-    """``x``'s row count, after checking it is a 2-D CPU float tensor with ``k`` columns."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k or not x.is_cpu:
-        got = f"{list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a CPU tensor of shape [M, {k}], got {got}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    return x.shape[0]
-
-
-def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Raise unless ``t`` (None passes) is a contiguous CPU ``dtype`` tensor of ``shape``: the C
-    kernel reads ``prod(shape)`` elements from its pointer, so nothing else is safe."""
-    if t is not None and (t.dtype != dtype or t.shape != shape or not t.is_cpu or not t.is_contiguous()):
-        raise ValueError(
-            f"{name} must be a contiguous CPU {dtype} tensor of shape {list(shape)}, "
-            f"got {t.dtype} of shape {list(t.shape)} on {t.device}"
-        )
-
-
-def _define(schema: str, kernel: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor]) -> Any:
-    """Define ``qlab::<schema>`` with a CPU kernel and a fake kernel; return its OpOverload."""
-    name = schema.split("(", 1)[0]
-    _LIB.define(schema)
-    _LIB.impl(name, kernel, "CPU")
-    torch.library.register_fake(f"qlab::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.qlab, name).default
-
-
-# --- int8-dot decode (rows16 layout) ------------------------------------------------------------
-def _int8dot_shapes(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor | None,
-    levels: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    planes: int,
-) -> tuple[int, int, int]:
-    if bits not in (2, 4, 8) or codes.dim() != 4:
-        raise ValueError(f"codes must be a 4-D rows16 layout of 2-, 4- or 8-bit codes, got bits={bits}")
-    n, k = codes.shape[0] * 16, codes.shape[1] * (32 // bits)
-    if group_size < 1 or k % group_size or group_size % (32 // bits):
-        raise ValueError(f"group_size={group_size} does not fit K={k} in {bits}-bit rows16 chunks")
-    if planes not in (1, 2) or (planes == 1 and (bits != 8 or levels is not None)):
-        raise ValueError(f"planes must be 2, or 1 for 8-bit affine codes; got planes={planes!r}, bits={bits}")
-    m = _check_x(x, k)
-    _check("codes", codes, (n // 16, k * bits // 32, 16, 4), torch.uint8)
-    _check("scale_t", scale_t, (n // 16, k // group_size, 16), torch.float32)
-    _check("zero_t", zero_t, (n // 16, k // group_size, 16), torch.float32)
-    _check("levels", levels, (32,), torch.uint8)
-    if levels is not None and bits != 4:
-        raise ValueError(f"codebook levels need 4-bit codes, got bits={bits}")
-    return m, n, k
-
-
-def _gemv_int8dot_kernel(
-    lib: ctypes.CDLL | None,
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor | None,
-    levels: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    planes: int,
-) -> torch.Tensor:
-    m, n, k = _int8dot_shapes(x, codes, scale_t, zero_t, levels, bits, group_size, planes)
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0:
-        return y
-    lib = _require(lib)
-    xf = x.float().contiguous()
-    # scratch for the C side: two int8 planes of x, then per row its group sums X and its scale sx
-    work = torch.empty(2 * m * k + 4 * m * (k // group_size + 1), dtype=torch.uint8)
-    rc = lib.qlab_gemv_i8(
-        m, n, k, bits, group_size, planes, _ptr(xf), _ptr(codes), _ptr(scale_t), _ptr(zero_t), _ptr(levels),
-        _ptr(y), _ptr(work), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"qlab_gemv_i8 rejected M={m} N={n} K={k} bits={bits} g={group_size}")
-    return y
-
-
-def _gemv_int8dot_fake(x, codes, scale_t, zero_t, levels, bits, group_size, planes):  # type: ignore[no-untyped-def]
-    m, n, _ = _int8dot_shapes(x, codes, scale_t, zero_t, levels, bits, group_size, planes)
-    return x.new_empty((m, n), dtype=torch.float32)
-
-
-_GEMV_INT8DOT = _define(
-    "gemv_int8dot(Tensor x, Tensor codes, Tensor scale_t, Tensor? zero_t, Tensor? levels, "
-    "int bits, int group_size, int planes) -> Tensor",
-    lambda *a: _gemv_int8dot_kernel(None, *a),
-    _gemv_int8dot_fake,
-)
-
-
-# --- bf16-dot decode (blocks layout) ------------------------------------------------------------
-def _blocks_shapes(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
-) -> tuple[int, int, int]:
-    """``(M, N, K)`` of a product with a blocks-layout weight, after checking codes, scale and x."""
-    if bits not in (2, 4, 8) or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D blocks layout of 2-, 4- or 8-bit codes, got bits={bits}")
-    n, k = codes.shape[0], codes.shape[1] * 8 // bits
-    if group_size < 1 or k % group_size or group_size % (128 // bits):
-        raise ValueError(f"group_size={group_size} does not fit K={k} in {bits}-bit 16-byte blocks")
-    m = _check_x(x, k)
-    _check("codes", codes, (n, k * bits // 8), torch.uint8)
-    _check("scale", scale, (n, k // group_size), torch.float32)
-    return m, n, k
-
-
-def _gemv_shapes(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    sz: torch.Tensor | None,
-    lut: torch.Tensor,
-    bits: int,
-    group_size: int,
-) -> tuple[int, int, int]:
-    m, n, k = _blocks_shapes(x, codes, scale, bits, group_size)
-    _check("sz", sz, (n, k // group_size), torch.float32)
-    _check("lut", lut, (32,), torch.int16)
-    return m, n, k
-
-
-def _gemv_kernel(
-    lib: ctypes.CDLL | None,
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    sz: torch.Tensor | None,
-    lut: torch.Tensor,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    m, n, k = _gemv_shapes(x, codes, scale, sz, lut, bits, group_size)
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0:
-        return y
-    lib = _require(lib)
-    xk = (x.float() if bits == 8 else x.to(torch.bfloat16)).contiguous()
-    # the zero-point term uses the same (rounded) x the products see
-    xsum = None if sz is None else xk.float().reshape(m, k // group_size, group_size).sum(-1).contiguous()
-    rc = lib.qlab_gemv(
-        m, n, k, bits, group_size, _ptr(xk), _ptr(xsum), _ptr(codes), _ptr(scale), _ptr(sz), _ptr(lut),
-        _ptr(y), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"qlab_gemv rejected shapes M={m} N={n} K={k} bits={bits} g={group_size}")
-    return y
-
-
-def _gemv_fake(x, codes, scale, sz, lut, bits, group_size):  # type: ignore[no-untyped-def]
-    m, n, _ = _gemv_shapes(x, codes, scale, sz, lut, bits, group_size)
-    return x.new_empty((m, n), dtype=torch.float32)
-
-
-_GEMV = _define(
-    "gemv(Tensor x, Tensor codes, Tensor scale, Tensor? sz, Tensor lut, int bits, int group_size) -> Tensor",
-    lambda *a: _gemv_kernel(None, *a),
-    _gemv_fake,
-)
-
-
-# --- FP8 decode -----------------------------------------------------------------------------------
-def _fp8_shapes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
-    if codes.dim() != 2 or not fits_fp8(codes.shape[1]):
-        raise ValueError(f"codes must be e4m3 bytes [N, K] with K a multiple of 32, got {list(codes.shape)}")
-    n, k = codes.shape
-    m = _check_x(x, k)
-    _check("codes", codes, (n, k), torch.uint8)
-    _check("scale", scale, (n,), torch.float32)
-    return m, n, k
-
-
-def _fp8_gemv_kernel(
-    lib: ctypes.CDLL | None, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    m, n, k = _fp8_shapes(x, codes, scale)
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0:
-        return y
-    lib = _require(lib)
-    xb = x.to(torch.bfloat16).contiguous()
-    rc = lib.qlab_fp8_gemv(m, n, k, _ptr(xb), _ptr(codes), _ptr(scale), _ptr(y), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"qlab_fp8_gemv rejected M={m} N={n} K={k}")
-    return y
-
-
-def _fp8_gemv_fake(x, codes, scale):  # type: ignore[no-untyped-def]
-    m, n, _ = _fp8_shapes(x, codes, scale)
-    return x.new_empty((m, n), dtype=torch.float32)
-
-
-_FP8_GEMV = _define(
-    "fp8_gemv(Tensor x, Tensor codes, Tensor scale) -> Tensor",
-    lambda *a: _fp8_gemv_kernel(None, *a),
-    _fp8_gemv_fake,
-)
-
-
-# --- prefill: bf16 tiles of W times torch's GEMM ------------------------------------------------
-def _tiles(
-    lib: ctypes.CDLL | None,
-    x: torch.Tensor,
-    n: int,
-    k: int,
-    rows: int,
-    dequant: Callable[[ctypes.CDLL, int, int, torch.Tensor, int], int],
-) -> torch.Tensor:
-    """``yᵀ`` block by block: ``dequant(lib, n0, n1, buf, threads)`` writes rows ``[n0, n1)`` of ``W``
-    in bf16 to ``buf``, then ``y[:, n0:n1] = x buf[:n1-n0]ᵀ`` (torch's bf16 GEMM, fp32 accumulation)."""
-    m = x.shape[0]
-    yt = torch.empty(n, m, dtype=torch.bfloat16)  # yᵀ: each block's output rows are contiguous
-    if m == 0:
-        return yt.t()
-    lib = _require(lib)
-    xb = x.to(torch.bfloat16).contiguous()
-    rows = min(rows, n)
-    buf = torch.empty(rows, k, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    for n0 in range(0, n, rows):
-        n1 = min(n0 + rows, n)
-        if dequant(lib, n0, n1, buf, threads) != 0:
-            raise RuntimeError(f"the CPU dequantize kernel rejected rows {n0}:{n1} of N={n} K={k}")
-        torch.mm(buf[: n1 - n0], xb.t(), out=yt[n0:n1])
-    return yt.t()
-
-
-def _check_rows(rows: int) -> None:
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
-
-
-def _tiled_fake_out(x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    # the kernel returns yᵀ transposed back: [M, N] with strides (1, M), and the fake must match
-    return x.new_empty_strided((m, n), (1, m), dtype=torch.bfloat16)
-
-
-def _tiled_shapes(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    table: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    rows: int,
-) -> tuple[int, int, int]:
-    # the blocks layout of gemv; zero is the zero-point itself here (gemv takes scale * zero)
-    if table is not None and bits != 4:
-        raise ValueError(f"a codebook table needs 4-bit codes, got bits={bits}")
-    _check_rows(rows)
-    m, n, k = _blocks_shapes(x, codes, scale, bits, group_size)
-    _check("zero", zero, (n, k // group_size), torch.float32)
-    _check("table", table, (16,), torch.float32)
-    return m, n, k
-
-
-def _tiled_matmul_kernel(
-    lib: ctypes.CDLL | None,
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    table: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    rows: int,
-) -> torch.Tensor:
-    _, n, k = _tiled_shapes(x, codes, scale, zero, table, bits, group_size, rows)
-    pc, ps, pz, pt = _ptr(codes), _ptr(scale), _ptr(zero), _ptr(table)
-
-    def dequant(lib: ctypes.CDLL, n0: int, n1: int, buf: torch.Tensor, threads: int) -> int:
-        return lib.qlab_dequant_bf16(n0, n1, k, bits, group_size, pc, ps, pz, pt, buf.data_ptr(), threads)
-
-    return _tiles(lib, x, n, k, rows, dequant)
-
-
-def _tiled_matmul_fake(x, codes, scale, zero, table, bits, group_size, rows):  # type: ignore[no-untyped-def]
-    m, n, _ = _tiled_shapes(x, codes, scale, zero, table, bits, group_size, rows)
-    return _tiled_fake_out(x, m, n)
-
-
-_TILED_MATMUL = _define(
-    "tiled_matmul(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? table, "
-    "int bits, int group_size, int rows) -> Tensor",
-    lambda *a: _tiled_matmul_kernel(None, *a),
-    _tiled_matmul_fake,
-)
-
-
-def _fp8_tiled_matmul_kernel(
-    lib: ctypes.CDLL | None, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, rows: int
-) -> torch.Tensor:
-    _check_rows(rows)
-    _, n, k = _fp8_shapes(x, codes, scale)
-    pc, ps = _ptr(codes), _ptr(scale)
-
-    def dequant(lib: ctypes.CDLL, n0: int, n1: int, buf: torch.Tensor, threads: int) -> int:
-        return lib.qlab_fp8_dequant_bf16(n0, n1, k, pc, ps, buf.data_ptr(), threads)
-
-    return _tiles(lib, x, n, k, rows, dequant)
-
-
-def _fp8_tiled_matmul_fake(x, codes, scale, rows):  # type: ignore[no-untyped-def]
-    _check_rows(rows)
-    m, n, _ = _fp8_shapes(x, codes, scale)
-    return _tiled_fake_out(x, m, n)
-
-
-_FP8_TILED_MATMUL = _define(
-    "fp8_tiled_matmul(Tensor x, Tensor codes, Tensor scale, int rows) -> Tensor",
-    lambda *a: _fp8_tiled_matmul_kernel(None, *a),
-    _fp8_tiled_matmul_fake,
-)
-
-#: The operators this module registers (``torch.ops.qlab.<name>``), for tests and tooling.
-OPS = ("gemv_int8dot", "gemv", "fp8_gemv", "tiled_matmul", "fp8_tiled_matmul")
 
 
 # --- the public functions: unpack a prepared weight, call the operator ----------------------------
@@ -795,7 +350,7 @@ def gemv_int8dot(
     A row of ``x`` holding an inf or a nan gives a row of NaN.
 
     ``planes=1`` (8-bit codes only) is W8A8: one plane, ``q1 = round(x / sx)``, the per-token int8
-    activations of :func:`qlab.nn.quantize_tokens_int8`, multiplied exactly with the int8 weights.
+    activations of :func:`qlab.affine.quantize_rows_int8`, multiplied exactly with the int8 weights.
     Runs ``torch.ops.qlab.gemv_int8dot``; with ``lib`` (another build of ``cpu.c``) it calls that
     library directly instead.
     """
@@ -838,4 +393,4 @@ def tiled_matmul(
     return _TILED_MATMUL(*args) if lib is None else _tiled_matmul_kernel(lib, *args)
 
 
-_load_default()
+_load_library()

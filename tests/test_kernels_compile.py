@@ -30,7 +30,7 @@ if not torch.cuda.is_available():  # as conftest.py: before anything imports tri
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qlab.kernels  # noqa: E402
-from qlab.kernels import cpu  # noqa: E402
+from qlab.kernels import cpu, cpu_ops  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 
 from qlab import packing  # noqa: E402
@@ -140,7 +140,7 @@ def test_fake_tensors_never_reach_ctypes(monkeypatch):
     def no_library(lib: object) -> None:
         raise AssertionError("a C kernel ran during fake tracing")
 
-    monkeypatch.setattr(cpu, "_require", no_library)
+    monkeypatch.setattr(cpu_ops, "_require", no_library)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
 
         def fake(w: Any) -> Any:
