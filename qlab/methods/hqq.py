@@ -47,6 +47,8 @@ def _check_spec(spec: QuantSpec) -> None:
         raise ValueError(
             "spec: HQQ optimizes the zero-point, so it needs an asymmetric spec (symmetric=False)"
         )
+    if spec.float_zero:
+        raise ValueError("spec: HQQ optimizes an integer-domain zero-point; use zero_domain='int'")
 
 
 def as_groups(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
