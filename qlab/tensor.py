@@ -130,7 +130,9 @@ class QuantSpec:
         if self.zero_domain not in ("int", "float"):
             raise ValueError(f"zero_domain must be 'int' or 'float', got {self.zero_domain!r}")
         if self.zero_domain == "float" and (self.symmetric or self.codebook is not None):
-            raise ValueError("zero_domain='float' needs an asymmetric integer spec (symmetric=False, no codebook)")
+            raise ValueError(
+                "zero_domain='float' needs an asymmetric integer spec (symmetric=False, no codebook)"
+            )
         if self.symmetric and self.bits < 2 and self.codebook is None:
             raise ValueError("symmetric quantization needs bits >= 2 (1-bit codes have no signed range)")
 

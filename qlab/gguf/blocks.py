@@ -3,15 +3,15 @@
 llama.cpp stores a quantized row as blocks of 32 consecutive inputs, each with fp16 parameters
 (``ggml-common.h``; gguf-py's ``gguf.quants`` reads and writes them):
 
-=========  ===============================  =========================  =========================================
-type       bytes of one block               value of element ``i``     qlab spec holding it exactly
-=========  ===============================  =========================  =========================================
-``Q8_0``   ``d`` fp16, 32 × int8 ``q``      ``d * q``                  int8 symmetric, group 32
-``Q4_0``   ``d`` fp16, 16 bytes of nibbles  ``d * (u - 8)``            int4 symmetric g32 (stored ``u = q + 8``),
-                                                                       or int4 asymmetric g32 with ``zero == 8``
-``Q4_1``   ``d``, ``m`` fp16, 16 bytes      ``d * u + m``              int4 g32, ``zero_domain="float"``
-                                                                       (``scale = d``, ``zero = m``)
-=========  ===============================  =========================  =========================================
+=========  ===============================  =====================  =====================================
+type       bytes of one block               value of element ``i`` qlab spec holding it exactly
+=========  ===============================  =====================  =====================================
+``Q8_0``   ``d`` fp16, 32 × int8 ``q``      ``d * q``              int8 symmetric, group 32
+``Q4_0``   ``d`` fp16, 16 bytes of nibbles  ``d * (u - 8)``        int4 symmetric g32 (``u = q + 8``),
+                                                                   or int4 asym g32 with ``zero == 8``
+``Q4_1``   ``d``, ``m`` fp16, 16 bytes      ``d * u + m``          int4 g32, ``zero_domain="float"``
+                                                                   (``scale = d``, ``zero = m``)
+=========  ===============================  =====================  =====================================
 
 In the 16 bytes of nibbles, byte ``j`` holds element ``j`` in its low nibble and element ``j + 16`` in its
 high nibble (not qlab's LSB-first neighbours: 0 and 1 share qlab's byte 0). ``Q5_0``/``Q5_1`` (a fifth
@@ -69,14 +69,16 @@ BLOCK_TYPES: dict[str, BlockType] = {
 
 
 def spec_for(name: str) -> QuantSpec:
-    """The qlab spec that holds blocks of type ``name`` exactly (scales, and ``m``, in fp16 as in the file)."""
+    """The qlab spec that holds blocks of type ``name`` exactly (``d`` and ``m`` in fp16, as in the file)."""
     if name == "Q8_0":
         return QuantSpec.per_group(8, BLOCK, symmetric=True, scale_dtype=torch.float16)
     if name == "Q4_0":
         return QuantSpec.per_group(4, BLOCK, symmetric=True, scale_dtype=torch.float16)
     if name == "Q4_1":
         return QuantSpec.per_group(4, BLOCK, zero_domain="float", scale_dtype=torch.float16)
-    raise ValueError(f"name: no exact qlab spec for GGUF type {name!r}; expected one of {sorted(BLOCK_TYPES)}")
+    raise ValueError(
+        f"name: no exact qlab spec for GGUF type {name!r}; expected one of {sorted(BLOCK_TYPES)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,7 +97,9 @@ def decode(raw: np.ndarray, name: str, shape: tuple[int, int]) -> QuantizedTenso
     """
     bt = BLOCK_TYPES.get(name)
     if bt is None:
-        raise ValueError(f"name: GGUF type {name!r} has no exact qlab layout; expected one of {sorted(BLOCK_TYPES)}")
+        raise ValueError(
+            f"name: GGUF type {name!r} has no exact qlab layout; expected one of {sorted(BLOCK_TYPES)}"
+        )
     rows, cols = shape
     if cols % BLOCK:
         raise ValueError(f"shape: a row of {cols} values does not divide into {name} blocks of {BLOCK}")
@@ -152,7 +156,9 @@ def encode(qt: QuantizedTensor, name: str) -> np.ndarray:
     bt = BLOCK_TYPES[name]
     rows, cols = qt.shape
     if len(qt.shape) != 2 or cols % BLOCK:
-        raise ValueError(f"qt: expected a [rows, cols] tensor with cols divisible by {BLOCK}, got {tuple(qt.shape)}")
+        raise ValueError(
+            f"qt: expected a [rows, cols] tensor with cols divisible by {BLOCK}, got {tuple(qt.shape)}"
+        )
     block = qt.spec.block_size(qt.shape)
     if block[1] % BLOCK and block[1] != cols:
         raise ValueError(f"qt: its groups of {block[1]} do not split into blocks of {BLOCK}")
@@ -202,4 +208,3 @@ def exact_type(qt: QuantizedTensor) -> tuple[str, np.ndarray] | None:
     mine = qt.dequantize(torch.float32).numpy()
     theirs = dequantize(raw, BLOCK_TYPES[name].ggml).reshape(mine.shape)
     return (name, raw) if np.array_equal(mine, theirs) else None
-

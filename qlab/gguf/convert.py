@@ -160,7 +160,6 @@ def convert_gguf_llama(
     if arch != "llama":
         raise ValueError(f"gguf_path: expected a llama GGUF file, got architecture {arch!r}")
     n_heads, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
-    hidden = int(meta("llama.embedding_length"))
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
         w = dequantize(t.data, t.tensor_type).astype(np.float32)

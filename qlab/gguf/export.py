@@ -62,7 +62,7 @@ def _check_type(name: str, what: str) -> str:
 
 
 def _quantize_float(w: torch.Tensor, name: str) -> tuple[np.ndarray, Any]:
-    """``w`` (float ``[rows, cols]`` or ``[n]``) as gguf-py writes type ``name``: (array, raw type or None)."""
+    """``w`` (float, 1-D or 2-D) as gguf-py writes type ``name``: (array, raw type or None)."""
     from gguf import GGMLQuantizationType, quantize
 
     a = w.detach().float().contiguous().numpy()
@@ -90,7 +90,7 @@ def _linear_tensor(
     module: nn.Module, name: str, requantize_to: str | None, float_type: str
 ) -> tuple[np.ndarray, Any, str]:
     """The GGUF form of one linear layer: (array, raw type or None, type name). Warns when it re-quantizes."""
-    from gguf import GGMLQuantizationType, dequantize
+    from gguf import dequantize
 
     if getattr(module, "bias", None) is not None:
         raise ValueError(f"model: {name} has a bias; the llama GGUF layout written here has none")
@@ -106,7 +106,7 @@ def _linear_tensor(
         back = torch.from_numpy(dequantize(arr, qtype) if qtype is not None else arr.astype(np.float32))
         warnings.warn(
             f"{name}: {module.describe()} has no exact GGUF type; re-quantized to {target}, "
-            f"SQNR {sqnr(w, back.reshape(w.shape)):.1f} dB against qlab's weight (the error this export adds)",
+            f"SQNR {sqnr(w, back.reshape(w.shape)):.1f} dB against qlab's weight (what this export adds)",
             stacklevel=3,
         )
         return arr, qtype, target
@@ -129,7 +129,8 @@ def _rope_theta(config: Any) -> float:
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     rope_type = params.get("rope_type", "default")
     scaling = getattr(config, "rope_scaling", None)
-    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default"):
+    scaled = isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default"
+    if rope_type != "default" or scaled:
         raise ValueError(f"model: rope type {rope_type!r} / scaling {scaling!r} is not written by save_gguf")
     if theta is None:
         raise ValueError("model: its config has no rope_theta")
@@ -138,7 +139,7 @@ def _rope_theta(config: Any) -> float:
 
 def _tokenizer_fields_from_gguf(path: Path) -> list[tuple[str, Any, Any, Any]]:
     """``tokenizer.*`` fields of a GGUF file as (key, value, type, sub_type), ready for ``add_key_value``."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
     reader = _open_reader(path, "tokenizer_from")
     out = []
@@ -309,7 +310,8 @@ def save_gguf(
             if part.endswith("_norm"):
                 add(gguf_name, module.weight.detach().float().numpy(), None, "F32", (hidden,))
                 continue
-            arr, qtype, kind = _linear_tensor(module, f"model.layers.{i}.{module_name}", requantize_to, float_type)
+            where = f"model.layers.{i}.{module_name}"
+            arr, qtype, kind = _linear_tensor(module, where, requantize_to, float_type)
             shape = (int(module.out_features), int(module.in_features))
             add(gguf_name, _permuted(arr, part, n_heads, n_kv), qtype, kind, shape)
 

@@ -171,8 +171,8 @@ def load_gguf(
     arch = gguf_field(reader, "general.architecture", None)
     if arch != "llama":
         raise ValueError(f"path: {path} holds a {arch!r} model; load_gguf reads the 'llama' architecture")
-    requantize = requantize if requantize is not None else QuantSpec.per_group(8, 32, symmetric=True,
-                                                                               scale_dtype=torch.float16)  # fmt: skip
+    if requantize is None:
+        requantize = QuantSpec.per_group(8, 32, symmetric=True, scale_dtype=torch.float16)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"path: {path} has no token_embd.weight")
