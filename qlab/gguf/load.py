@@ -57,6 +57,8 @@ def open_gguf(path: str | os.PathLike[str], what: str = "path") -> Any:
     except ValueError as e:
         if "GGMLQuantizationType" in str(e):
             raise ValueError(f"{what}: {path} has a tensor of an unknown GGML type ({e})") from e
+        if "block size" in str(e):
+            raise ValueError(f"{what}: {path} has a tensor whose rows its block size does not divide ({e})") from e
         raise ValueError(f"{what}: {path} is truncated or not a GGUF file ({e})") from e
     except Exception as e:  # struct/index errors from a cut header
         raise ValueError(f"{what}: {path} is truncated or not a GGUF file ({type(e).__name__}: {e})") from e
