@@ -18,6 +18,7 @@ Peak memory is then about the file's size (plus one tensor's unpacked codes), wh
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -58,7 +59,7 @@ def open_gguf(path: str | os.PathLike[str], what: str = "path") -> Any:
         if "GGMLQuantizationType" in str(e):
             raise ValueError(f"{what}: {path} has a tensor of an unknown GGML type ({e})") from e
         if "block size" in str(e):
-            raise ValueError(f"{what}: {path} has a tensor whose rows its block size does not divide ({e})") from e
+            raise ValueError(f"{what}: {path} has rows its block size does not divide ({e})") from e
         raise ValueError(f"{what}: {path} is truncated or not a GGUF file ({e})") from e
     except Exception as e:  # struct/index errors from a cut header
         raise ValueError(f"{what}: {path} is truncated or not a GGUF file ({type(e).__name__}: {e})") from e
@@ -141,7 +142,10 @@ def _packed_layer(qt: QuantizedTensor) -> QuantLinear:
     layout puts inputs ``2j`` and ``2j + 1`` in byte ``j`` (4 bits), one code a byte at 8 bits."""
     rows, cols = qt.shape
     layer = QuantLinear(cols, rows, qt.spec, device="meta")
-    u = qt.unsigned_codes().numpy()
+    codes = qt.codes.numpy()
+    u = codes.view(np.uint8) ^ np.uint8(0x80) if codes.dtype == np.int8 and qt.spec.bits == 8 else None
+    if u is None:
+        u = qt.unsigned_codes().numpy()  # int8 q + 128 == q XOR 0x80 above, without an int16 copy
     packed = u if qt.spec.bits == 8 else (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
     layer.qweight = torch.from_numpy(np.ascontiguousarray(packed))
     layer.scale = qt.scale
@@ -188,6 +192,10 @@ def load_gguf(
     vocab = int(tensors["token_embd.weight"].shape[1])
     tied = "output.weight" not in tensors
     cfg = llama_config(reader, vocab_size=vocab, tied=tied)
+    # The metadata is read; its parsed fields (the tokenizer's ~100k strings as numpy views, ~150 MB for
+    # SmolLM2) are dropped before transformers' modeling code and the weights come in.
+    reader.fields.clear()
+    gc.collect()
     config = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
