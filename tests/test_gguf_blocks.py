@@ -125,3 +125,21 @@ def test_rotary_permutation_is_the_inverse_of_the_converters():
     assert permute_rotary(np.arange(4), 1).tolist() == [0, 2, 1, 3]
     with pytest.raises(ValueError, match="n_heads"):
         permute_rotary(w, 0)
+
+
+def test_hqq_with_a_float_zero_is_the_same_grid_and_exports_as_q4_1():
+    """HQQ optimizes its fractional zero as before; a float-zero spec stores it as ``m = -s z`` (fp16),
+    which costs at most the rounding of ``m`` and makes the layer a Q4_1 block, code for code."""
+    from dataclasses import replace
+
+    from qlab.methods.hqq import hqq_quantize
+    from qlab.metrics import sqnr
+
+    w = torch.from_numpy(_weight(4))
+    spec = QuantSpec.per_group(4, 32, zero_domain="float", scale_dtype=torch.float16)
+    fz, iz = hqq_quantize(w, spec), hqq_quantize(w, replace(spec, zero_domain="int"))
+    assert torch.equal(fz.scale, iz.scale)
+    assert abs(sqnr(w, fz.dequantize()) - sqnr(w, iz.dequantize())) < 0.1
+    found = exact_type(fz)
+    assert found is not None and found[0] == "Q4_1"
+    assert exact_type(iz) is None  # a fractional integer-domain zero is no GGUF block
