@@ -318,3 +318,12 @@ def test_other_architectures_are_refused(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="path: .*'gpt2' model; load_gguf reads the 'llama'"):
         load_gguf(path)
+
+
+def test_cli_export_reports_a_missing_file(tmp_path, capsys):
+    from qlab.cli import main
+
+    assert main(["export", str(tmp_path / "missing.safetensors"), "--format", "gguf", "-o", "x.gguf"]) == 1
+    assert "qlab export: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "x.safetensors", "--format", "onnx", "-o", "x.gguf"])
