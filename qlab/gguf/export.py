@@ -11,8 +11,10 @@ Each linear layer goes out in the first way that applies:
    (:func:`qlab.gguf.blocks.exact_type`: gguf-py's dequantize of the bytes equals qlab's weight bit for
    bit) is written code for code;
 2. any other quantized layer is re-quantized by gguf-py from qlab's dequantized weight, to the nearest
-   type of its width (or ``requantize_to``), with a ``warnings.warn`` giving the SQNR of the written
-   weight against qlab's: the error the export adds;
+   type of its width (or ``requantize_to``); when the layer's codes fit that type (int4 g64 with fp32
+   scales, HQQ's fractional zeros ...) they may instead be kept with ``d`` (and ``m = -s z``) rounded to
+   fp16, whichever is closer. A ``warnings.warn`` gives the SQNR of the written weight against qlab's:
+   the error the export adds;
 3. a float ``nn.Linear`` is written as ``float_type`` (F16 by default, F32 or any block type).
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qlab.gguf.blocks import BLOCK_TYPES, exact_type
+from qlab.gguf.blocks import BLOCK_TYPES, encode, exact_type
 from qlab.gguf.convert import GGUF_LAYER_NAMES
 from qlab.metrics import sqnr
 from qlab.nn import QuantLinear
@@ -86,6 +88,21 @@ def _default_requant(layer: QuantLinear) -> str:
     return "Q4_0" if sym else "Q4_1"
 
 
+def _cast(layer: QuantLinear, target: str) -> np.ndarray | None:
+    """``target``'s bytes from the layer's own codes, its scales (and ``m = -s z`` or its float zero)
+    rounded to fp16, when the spec has the target's form; else None."""
+    bt = BLOCK_TYPES.get(target)
+    spec = layer.spec
+    if bt is None or layer.mode != "weight" or layer.input_scale is not None or spec.codebook is not None:
+        return None
+    if spec.bits != bt.bits or spec.symmetric == bt.has_min or (not spec.symmetric and target == "Q4_0"):
+        return None
+    block = spec.block_size((layer.out_features, layer.in_features))[1]
+    if layer.in_features % 32 or (block % 32 and block != layer.in_features):
+        return None
+    return encode(layer.quantized_tensor(), target)
+
+
 def _linear_tensor(
     module: nn.Module, name: str, requantize_to: str | None, float_type: str
 ) -> tuple[np.ndarray, Any, str]:
@@ -104,9 +121,15 @@ def _linear_tensor(
         w = module.effective_weight(torch.float32)
         arr, qtype = _quantize_float(w, target)
         back = torch.from_numpy(dequantize(arr, qtype) if qtype is not None else arr.astype(np.float32))
+        db, how = sqnr(w, back.reshape(w.shape)), "re-quantized"
+        cast = _cast(module, target)
+        if cast is not None:  # the layer's own codes with d (and m) rounded to fp16: often closer
+            cast_db = sqnr(w, torch.from_numpy(dequantize(cast, BLOCK_TYPES[target].ggml)).reshape(w.shape))
+            if cast_db > db:
+                arr, qtype, db, how = cast, BLOCK_TYPES[target].ggml, cast_db, "cast (codes kept, fp16 d/m)"
         warnings.warn(
-            f"{name}: {module.describe()} has no exact GGUF type; re-quantized to {target}, "
-            f"SQNR {sqnr(w, back.reshape(w.shape)):.1f} dB against qlab's weight (what this export adds)",
+            f"{name}: {module.describe()} has no exact GGUF type; {how} to {target}, "
+            f"SQNR {db:.1f} dB against qlab's weight (what this export adds)",
             stacklevel=3,
         )
         return arr, qtype, target
