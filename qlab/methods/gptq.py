@@ -41,6 +41,8 @@ def _check_inputs(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     if spec.codebook is not None:
         raise ValueError(f"spec: GPTQ here supports affine integer specs, got codebook {spec.codebook!r}")
+    if spec.float_zero:
+        raise ValueError("spec: GPTQ here uses integer-domain zero-points; use zero_domain='int'")
     if spec.granularity == "tensor" or (spec.granularity == "channel" and spec.axis % 2 != 0):
         raise ValueError(
             "spec: GPTQ needs per-output-channel (axis=0) or per-group scales, got " + spec.describe()

@@ -30,9 +30,11 @@ which :class:`~qlab.quantize.QuantizedTensor` stores as is: ``Ŵ = s (q - z)``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from qlab.quantize import QuantizedTensor, QuantSpec, check_float_tensor, compute_scale_zero
+from qlab.quantize import QuantizedTensor, QuantSpec, check_float_tensor, compute_scale_zero, quantize_affine
 
 #: Elements per chunk of groups: 2^18 floats (1 MiB) keep a chunk's temporaries in cache.
 CHUNK_ELEMENTS = 1 << 18
@@ -211,10 +213,22 @@ def hqq_quantize(
             paper); ``"rtn"`` starts from round-to-nearest's grid (range widened to include 0,
             integer zero) and lets the iterations move the zero from there.
 
-    Returns a :class:`QuantizedTensor` with fractional zero-points: ``w ≈ scale * (codes - zero)``.
+    Returns a :class:`QuantizedTensor` with fractional zero-points: ``w ≈ scale * (codes - zero)``. A spec
+    with ``zero_domain="float"`` gets the same optimization, stored as the offset ``m = -scale * zero``
+    (``w ≈ scale * codes + m``, llama.cpp's Q4_1 form); codes are recomputed from the stored ``m``.
     """
     check_float_tensor(w, "w")
     _check_spec(spec)
+    if spec.float_zero:
+        qt = hqq_quantize(
+            w, replace(spec, zero_domain="int"), p=p, iters=iters, beta=beta, kappa=kappa,
+            optimize_scale=optimize_scale, init=init,
+        )  # fmt: skip
+        m = (-qt.scale.float() * qt.zero.float()).to(spec.scale_dtype)
+        return QuantizedTensor(
+            codes=quantize_affine(w, spec, qt.scale, m), scale=qt.scale, zero=m, spec=spec, shape=w.shape,
+            dtype=w.dtype,
+        )  # fmt: skip
     if not 0 < p <= 1:
         raise ValueError(f"p must be in (0, 1], got {p}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:

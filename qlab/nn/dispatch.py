@@ -102,12 +102,26 @@ def cache_nbytes(cache: Any) -> int:
     return 0
 
 
-def _zero_point(layer: Layer) -> torch.Tensor | None:
-    """The zero-point of the stored (unsigned) codes: ``zero``, or ``2^(bits-1)`` for symmetric codes
-    (stored offset by it), or None for codebooks."""
+#: The scale a float-zero block with ``scale = 0`` (every value equal to its offset ``m``) takes in
+#: the integer zero domain: ``s' = 2^-64``, ``z' = -m / s'``, so ``s' (q - z') = m + 2^-64 q``.
+TINY_SCALE = 2.0**-64
+
+
+def _scale_zero(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's scales and the zero-point of its stored (unsigned) codes, ``w = s (u - z)``: ``zero``,
+    ``2^(bits-1)`` for symmetric codes (stored offset by it), or None for codebooks.
+
+    Every fast path computes ``s (u - z)``. A float-zero-domain layer (``w = s u + m``) is handed to
+    them as ``z = -m / s`` (fp32, one rounding of ``m``: far below the paths' bf16 error), with
+    :data:`TINY_SCALE` standing in for a zero scale.
+    """
+    if layer.zero is not None and layer.spec.float_zero:
+        s, m = layer.scale.float(), layer.zero.float()
+        s = torch.where(s == 0, torch.full_like(s, TINY_SCALE), s)
+        return s, -m / s
     if layer.zero is not None or layer.codebook is not None:
-        return layer.zero
-    return torch.full((1, 1), 2.0 ** (layer.spec.bits - 1))
+        return layer.scale, layer.zero
+    return layer.scale, torch.full((1, 1), 2.0 ** (layer.spec.bits - 1))
 
 
 def _codebook_int8_planes(table: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
@@ -201,7 +215,7 @@ def _cpu_weight(layer: Layer, layout: Literal["blocks", "rows16"] = "blocks") ->
             bits = layer.spec.bits
             prepare = cpu.prepare if layout == "blocks" else cpu.prepare_rows16
             codes = unpack(layer.qweight, bits, layer.in_features)
-            entry = prepare(codes, bits, layer.group_size, layer.scale, _zero_point(layer), layer.codebook)
+            entry = prepare(codes, bits, layer.group_size, *_scale_zero(layer), layer.codebook)
         layer._cache[key] = entry
     return entry
 
@@ -223,8 +237,9 @@ def _int4_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
         u = unpack(layer.qweight, layer.spec.bits, k).to(torch.int32) + shift
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
         groups = k // g
-        s = per_group(layer.scale, n, groups)
-        z = per_group(_zero_point(layer), n, groups)
+        scale, zero = _scale_zero(layer)
+        s = per_group(scale, n, groups)
+        z = per_group(zero, n, groups)
         sz = torch.stack([s, s * (8 - shift - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         entry = (packed, sz, g)
         layer._cache["int4"] = entry
@@ -246,7 +261,8 @@ def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     if entry is None:
         u = unpack(layer.qweight, layer.spec.bits, k)
         groups = layer.scale.shape[1]
-        s = per_group(layer.scale, n, groups)
+        scale, zero = _scale_zero(layer)
+        s = per_group(scale, n, groups)
         g = k // groups
         corr = None
         if layer.codebook is not None:
@@ -256,7 +272,7 @@ def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
         else:
             o = 2 ** (layer.spec.bits - 1)
             parts = [((u.to(torch.int16) - o).to(torch.int8), s)]
-            z = per_group(_zero_point(layer), n, groups)
+            z = per_group(zero, n, groups)
             if bool((z != o).any()):
                 corr = (s * (o - z)).t().contiguous()  # [G, N]
         planes = [
@@ -285,8 +301,9 @@ def _triton_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     kernels = _kernels()
     assert kernels is not None
     n, k = layer.out_features, layer.in_features
-    scale = layer.scale if layer.scale.shape[0] == n else layer.scale.expand(n, -1).contiguous()
-    zero = layer.zero
+    # symmetric layers pass zero=None (the kernel knows their offset); float zeros as integer-domain ones
+    scale, zero = _scale_zero(layer) if layer.spec.float_zero else (layer.scale, layer.zero)
+    scale = scale if scale.shape[0] == n else scale.expand(n, -1).contiguous()
     if zero is not None and zero.shape[0] != n:
         zero = zero.expand(n, -1).contiguous()
     return kernels.dequant_matmul(

