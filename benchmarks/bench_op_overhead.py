@@ -66,15 +66,15 @@ def main() -> None:
         wb = cpu.prepare(codes, 4, g, scale, zero)
         x = torch.randn(1, k, generator=gen)
         calls: dict[str, Callable[[], object]] = {
-            "gemv_int8dot": lambda: cpu.gemv_int8dot(x, w16),
-            "gemv": lambda: cpu.gemv(x, wb),
-            "tiled_matmul": lambda: cpu.tiled_matmul(x, wb),
+            "gemv_int8dot": lambda x=x, w16=w16: cpu.gemv_int8dot(x, w16),
+            "gemv": lambda x=x, wb=wb: cpu.gemv(x, wb),
+            "tiled_matmul": lambda x=x, wb=wb: cpu.tiled_matmul(x, wb),
         }
         if hasattr(cpu, "OPS"):  # lib= skips the operator and calls the C library directly
             lib = cpu.load()
-            calls["gemv_int8dot/direct"] = lambda: cpu.gemv_int8dot(x, w16, lib=lib)
-            calls["gemv/direct"] = lambda: cpu.gemv(x, wb, lib=lib)
-            calls["tiled_matmul/direct"] = lambda: cpu.tiled_matmul(x, wb, lib=lib)
+            calls["gemv_int8dot/direct"] = lambda x=x, w16=w16, lib=lib: cpu.gemv_int8dot(x, w16, lib=lib)
+            calls["gemv/direct"] = lambda x=x, wb=wb, lib=lib: cpu.gemv(x, wb, lib=lib)
+            calls["tiled_matmul/direct"] = lambda x=x, wb=wb, lib=lib: cpu.tiled_matmul(x, wb, lib=lib)
         us = per_call_us(calls, args.repeats, args.calls if size < 1024 else max(1, args.calls // 20))
         for name in ("gemv_int8dot", "gemv", "tiled_matmul"):
             d = us.get(f"{name}/direct")
