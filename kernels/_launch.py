@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,3 +56,28 @@ def interpreted(kernel, device: torch.device):
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on a CUDA device (decode splits K until they are all busy)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def register_op(name: str, fn: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (which launches Triton kernels through :func:`traceable`) as the operator ``qlab::<name>``.
+
+    Compiled Triton (a GPU): ``torch.library.triton_op``, so ``torch.compile`` sees through the
+    operator to the kernels it launches (Inductor can schedule them) and ``fn`` run on fake tensors
+    is its own fake kernel. Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) cannot take
+    that route: ``wrap_triton`` hands back the interpreted kernel itself, which would run numpy on
+    fake tensors, so the operator is an opaque ``torch.library.custom_op`` whose fake kernel
+    ``fake`` only allocates the outputs. Both take the same arguments and compute the same thing.
+    """
+    triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
+    if triton_op is not None and not interpret_mode():
+        return triton_op(f"qlab::{name}", mutates_args=())(fn)
+    op = torch.library.custom_op(f"qlab::{name}", mutates_args=())(fn)
+    op.register_fake(fake)
+    return op
+
+
+def traceable(kernel: Any) -> Any:
+    """``kernel`` wrapped by ``torch.library.wrap_triton`` (torch >= 2.6), so that ``make_fx`` and
+    ``torch.compile`` record its launch inside a ``triton_op``; in eager code it launches as it is."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap is None else wrap(kernel)

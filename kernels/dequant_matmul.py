@@ -39,7 +39,7 @@ import triton.language as tl
 
 from qlab.packing import unpack_int32
 
-from ._launch import check_device, interpreted, num_sms
+from ._launch import check_device, interpreted, num_sms, register_op, traceable
 
 #: Bit widths the kernel unpacks (the widths :mod:`qlab.packing` packs).
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
@@ -327,6 +327,9 @@ def dequant_matmul(
 
     Returns:
         ``y`` of shape ``[..., n]`` in ``x.dtype``, accumulated in fp32.
+
+    The checks and reshapes run here; the launch is the operator ``torch.ops.qlab.dequant_matmul``
+    (a ``triton_op`` on a GPU, so ``torch.compile`` traces through it).
     """
     if path not in ("auto", "decode", "prefill"):
         raise ValueError(f"path must be 'auto', 'decode' or 'prefill', got {path!r}")
@@ -335,32 +338,63 @@ def dequant_matmul(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m == 0:
+    if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
+    table = codebook.to(device=x.device, dtype=torch.float32).contiguous() if codebook is not None else None
+    y = _dequant_matmul_op(x2, words, scale, zero, table, bits, group_size, n, k, path)
+    return y.reshape(*lead, n)
+
+
+def _dequant_matmul_launch(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    n: int,
+    k: int,
+    path: str,
+) -> torch.Tensor:
+    """The operator ``qlab::dequant_matmul``: ``y [M, n] = x [M, k] @ dequant(W)^T`` in ``x.dtype``.
+
+    Arguments as :func:`dequant_matmul` has checked and prepared them: ``x`` 2-D with unit stride
+    along ``k``, ``words`` int32 ``[n, ceil(k / (32 // bits))]``, ``table`` the fp32 codebook (or None).
+    """
+    m = x.shape[0]
     cfg = _plan(m, n, k, group_size, x.device, path)
     split = cfg.pop("SPLIT_K")
     k_per_split = cfg.pop("k_per_split")
-    # One split writes y directly (the store casts to x.dtype); several write fp32 partial sums.
-    y = torch.empty((split, m, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
-    table = codebook.to(device=x.device, dtype=torch.float32).contiguous() if codebook is not None else scale
+    # One split writes y [m, n] directly (the store casts to x.dtype); several write fp32 partial
+    # sums [split, m, n]. (Not y[0] of a [1, m, n]: an operator must not return a view of a temporary.)
+    if split == 1:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    kernel = interpreted(_dequant_matmul_kernel, x.device)
+    kernel = traceable(interpreted(_dequant_matmul_kernel, x.device))
     kernel[grid](
-        x2, words, scale, zero if zero is not None else scale, table, y,
+        x, words, scale, zero if zero is not None else scale, table if table is not None else scale, y,
         m, n, k, group_size, k_per_split,
-        x2.stride(0), words.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
-        y.stride(0), y.stride(1),
+        x.stride(0), words.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+        0 if split == 1 else y.stride(0), y.stride(-2),
         BITS=bits,
         HAS_ZERO=zero is not None,
-        HAS_TABLE=codebook is not None,
+        HAS_TABLE=table is not None,
         FP32_DOT=x.dtype == torch.float32,
         GROUP_ALIGNED=group_size % cfg["BLOCK_K"] == 0,
         FAN_OUT=bits != 3 and cfg["BLOCK_K"] % (32 // bits) == 0,
         **cfg,
     )  # fmt: skip
-    out = y[0] if split == 1 else y.sum(dim=0).to(x.dtype)
-    return out.reshape(*lead, n)
+    return y if split == 1 else y.sum(dim=0).to(x.dtype)
+
+
+def _dequant_matmul_fake(x, words, scale, zero, table, bits, group_size, n, k, path):  # type: ignore[no-untyped-def]
+    return x.new_empty((x.shape[0], n))
+
+
+_dequant_matmul_op = register_op("dequant_matmul", _dequant_matmul_launch, _dequant_matmul_fake)
 
 
 def dequantize_reference(

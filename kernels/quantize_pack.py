@@ -31,7 +31,7 @@ import triton.language as tl
 from qlab.packing import pack_int32
 from qlab.quantize import QuantSpec, quantize
 
-from ._launch import check_device, interpreted
+from ._launch import check_device, interpreted, register_op, traceable
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -156,7 +156,11 @@ def _pack_kernel(
 
 
 def quantize_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> PackedWeight:
-    """Group-wise RTN of ``w [N, K]`` into ``(packed int32 words, scale, zero)`` (module docstring)."""
+    """Group-wise RTN of ``w [N, K]`` into ``(packed int32 words, scale, zero)`` (module docstring).
+
+    Checks its arguments (including that ``w`` is finite), then runs the operator
+    ``torch.ops.qlab.quantize_pack``.
+    """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in WEIGHT_DTYPES:
@@ -173,30 +177,56 @@ def quantize_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool =
     if not w.is_contiguous():
         raise ValueError("w must be contiguous")
     check_device(w.device)
-    if not torch.isfinite(w).all():
+    # a data-dependent check: Dynamo cannot trace it, so compiled callers skip it (weights are finite
+    # by the time anyone compiles a quantization step; eager callers get the clear error)
+    if not torch.compiler.is_compiling() and not torch.isfinite(w).all():
         raise ValueError("w contains NaN or Inf; quantization needs finite values")
 
+    packed, scale, zero = _quantize_pack_op(w, bits, group_size, symmetric)
+    return PackedWeight(packed, scale, None if symmetric else zero)
+
+
+def _quantize_pack_launch(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operator ``qlab::quantize_pack``: ``(packed, scale, zero)`` of a checked ``w [N, K]``.
+
+    ``zero`` is an empty tensor when ``symmetric`` (an operator returns tensors, never None).
+    """
+    n, k = w.shape
     n_groups = k // group_size
     per = 32 // bits
     kw = math.ceil(k / per)
     scale = torch.empty((n, n_groups), device=w.device, dtype=torch.float32)
-    zero = None if symmetric else torch.empty_like(scale)
+    zero = torch.empty((0,) if symmetric else (n, n_groups), device=w.device, dtype=torch.float32)
+    zero_arg = scale if symmetric else zero  # never read when SYMMETRIC
     packed = torch.empty((n, kw), device=w.device, dtype=torch.int32)
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
     block_n = 16
     block_k = min(triton.next_power_of_2(group_size), 256)
-    interpreted(_group_scale_kernel, w.device)[(triton.cdiv(n, block_n), n_groups)](
-        w, scale, zero if zero is not None else scale, n, group_size, w.stride(0), scale.stride(0),
+    traceable(interpreted(_group_scale_kernel, w.device))[(triton.cdiv(n, block_n), n_groups)](
+        w, scale, zero_arg, n, group_size, w.stride(0), scale.stride(0),
         QMAX=qmax, SYMMETRIC=symmetric, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     block_w = 32
-    interpreted(_pack_kernel, w.device)[(triton.cdiv(n, block_n), triton.cdiv(kw, block_w))](
-        w, scale, zero if zero is not None else scale, packed, n, k, kw, group_size,
+    traceable(interpreted(_pack_kernel, w.device))[(triton.cdiv(n, block_n), triton.cdiv(kw, block_w))](
+        w, scale, zero_arg, packed, n, k, kw, group_size,
         w.stride(0), scale.stride(0), packed.stride(0),
         BITS=bits, SYMMETRIC=symmetric, PER_POW2=triton.next_power_of_2(per),
         BLOCK_N=block_n, BLOCK_W=block_w,
     )  # fmt: skip
-    return PackedWeight(packed, scale, zero)
+    return packed, scale, zero
+
+
+def _quantize_pack_fake(w, bits, group_size, symmetric):  # type: ignore[no-untyped-def]
+    n, k = w.shape
+    groups = k // group_size
+    scale = w.new_empty((n, groups), dtype=torch.float32)
+    zero = w.new_empty((0,) if symmetric else (n, groups), dtype=torch.float32)
+    return w.new_empty((n, math.ceil(k / (32 // bits))), dtype=torch.int32), scale, zero
+
+
+_quantize_pack_op = register_op("quantize_pack", _quantize_pack_launch, _quantize_pack_fake)
 
 
 def quantize_pack_reference(
