@@ -11,6 +11,8 @@ from qlab.nn.dispatch import (
     FAST_PATH_RTOL,
     PATH_TABLE,
     PATHS,
+    PREPARE_ROWS,
+    prepare,
     select_path,
     use_path,
 )
@@ -31,12 +33,14 @@ __all__ = [
     "MODES",
     "PATHS",
     "PATH_TABLE",
+    "PREPARE_ROWS",
     "Int8Linear",
     "QuantLinear",
     "is_conv1d",
     "is_linear",
     "linear_weight",
     "outlier_features",
+    "prepare",
     "select_path",
     "use_path",
 ]
