@@ -97,7 +97,9 @@ class Generator:
         if compile:
             self._step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend)
         if compile_prefill:
-            self._prefill = torch.compile(self._prefill_logits, fullgraph=True, dynamic=False, backend=backend)
+            self._prefill = torch.compile(
+                self._prefill_logits, fullgraph=True, dynamic=False, backend=backend
+            )
 
     def _prefill_logits(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The prompt's last logits ``[1, vocab]``, writing its keys and values to the cache."""
@@ -116,7 +118,9 @@ class Generator:
         return out.logits[:, -1].argmax(dim=-1, keepdim=True)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Generated:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+    ) -> Generated:
         """Greedy continuation of ``input_ids`` ``[1, T]`` by up to ``max_new_tokens`` tokens.
 
         Stops early after ``eos_token_id`` (kept in the output). Greedy decoding is deterministic, so
