@@ -120,3 +120,86 @@ def test_generate_checks_its_arguments(model):
         Generator(model, 1)
     out = gen.generate(_ids(3, 0), 4, eos_token_id=int(gen.generate(_ids(3, 0), 1).ids[0, -1]))
     assert out.ids.shape[1] == 4  # stopped after the end token, which is kept
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized tied embedding + head, fused projections
+# ------------------------------------------------------------------------------------------------
+def _float_llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig("rtn", 8, None, quantize_embeddings=True),
+        QuantConfig("rtn", 4, 48, quantize_embeddings=True),  # 48 does not divide 64: the table uses 32
+        QuantConfig("nf4", 4, 32, quantize_embeddings=True),
+        QuantConfig(
+            "rtn", 4, 32, quantize_embeddings=True, overrides={"lm_head": {"bits": 8, "group_size": None}}
+        ),
+    ],
+    ids=["int8", "int4-fit", "nf4", "int4-int8head"],
+)
+def test_quantized_embedding_is_the_tied_head(config):
+    """One stored table: the head *is* the embedding's QuantLinear; a lookup gives the dequantized rows
+    (of exactly those ids), and the float embedding is gone."""
+    from qlab.nn import QuantEmbedding, QuantLinear
+
+    model = _float_llama()
+    w = model.model.embed_tokens.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(model, config, progress=False)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    assert model.lm_head is emb.linear
+    assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())
+    spec = config.for_module("lm_head")
+    assert emb.linear.spec.bits == spec.bits
+    ids = torch.tensor([[3, 255, 0, 3], [17, 42, 42, 1]])
+    table = emb.linear.dequantize(torch.float32)
+    assert torch.equal(emb(ids), table[ids])
+    rel = (table - w).norm() / w.norm()
+    assert rel < (0.01 if spec.bits == 8 else 0.15)
+    with torch.no_grad():
+        h = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(model.lm_head(h), h @ table.t(), rtol=1e-2, atol=1e-2 * float(h.norm()))
+        model(ids)  # the whole model runs
+
+
+def test_quantize_embeddings_default_off_and_roundtrips_config():
+    model = _float_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(model, QuantConfig("rtn", 4, 32), progress=False)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    cfg = QuantConfig("rtn", 4, 32, quantize_embeddings=True)
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_fused_projections_equal_separate_layers(model):
+    """q/k/v and gate/up stacked: the same logits bit for bit, at decode (int8-dot) and prefill (tiles),
+    eager and compiled, and the same greedy text."""
+    import copy
+
+    from qlab.fuse import fuse_projections
+    from qlab.nn.fused import FusedMLP, ProjectionView
+
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == {"qkv": 2, "gate_up": 2}
+    block = fused.model.layers[0]
+    assert isinstance(block.mlp, FusedMLP) and isinstance(block.self_attn.k_proj, ProjectionView)
+    assert fuse_projections(fused) == {"qkv": 0, "gate_up": 0}  # nothing left to fuse
+    with torch.no_grad():
+        for t in (1, 3, 20):
+            ids = _ids(t, t)
+            assert torch.equal(fused(ids).logits, model(ids).logits)
+        ids = _ids(7, 9)
+        want = Generator(model, 20).generate(ids, 8).ids
+        assert torch.equal(Generator(fused, 20, compile=True, backend="aot_eager").generate(ids, 8).ids, want)

@@ -16,6 +16,7 @@ from qlab.nn.dispatch import (
     select_path,
     use_path,
 )
+from qlab.nn.embedding import QuantEmbedding
 from qlab.nn.int8 import DEFAULT_THRESHOLD, Int8Linear, outlier_features
 from qlab.nn.linear import FP8_MAX, MODES, QuantLinear, is_conv1d, is_linear, linear_weight
 
@@ -35,6 +36,7 @@ __all__ = [
     "PATH_TABLE",
     "PREPARE_ROWS",
     "Int8Linear",
+    "QuantEmbedding",
     "QuantLinear",
     "is_conv1d",
     "is_linear",
