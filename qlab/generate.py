@@ -22,6 +22,7 @@ graph only reads their converted weights.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class Generator:
         self.model = model.eval()
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         prepare(model)  # quantized layers: converted weights built now, outside any graph
         self._step: Step = self._decode_step
         self._prefill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._prefill_logits
@@ -104,16 +108,16 @@ class Generator:
     def _prefill_logits(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The prompt's last logits ``[1, vocab]``, writing its keys and values to the cache."""
         out = self.model(
-            input_ids=ids, past_key_values=self.cache, cache_position=pos, position_ids=pos[None],
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, cache_position=pos, position_ids=pos[None], use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: self.cache},
         )  # fmt: skip
         return out.logits[:, -1]
 
     def _decode_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token ``[1, 1]`` at cache position ``pos`` ``[1]`` -> the greedy next token ``[1, 1]``."""
         out = self.model(
-            input_ids=token, past_key_values=self.cache, cache_position=pos, position_ids=pos[None],
-            use_cache=True,
+            input_ids=token, cache_position=pos, position_ids=pos[None], use_cache=True,
+            **{self._cache_kw: self.cache},
         )  # fmt: skip
         return out.logits[:, -1].argmax(dim=-1, keepdim=True)
 

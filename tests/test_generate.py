@@ -1,6 +1,6 @@
 """A whole quantized decoder under torch.compile, and qlab.generate's static-cache greedy loop.
 
-One tiny Llama (2 layers, width 64, vocabulary 256, tied embedding), quantized int4 g32, compiled
+One tiny Llama (1 layer, width 64, vocabulary 256, tied embedding), quantized int4 g32, compiled
 once per module with ``fullgraph=True`` and the ``aot_eager`` backend: Dynamo and AOT tracing with
 fake tensors, as Inductor gets them, without its C++ code generation (half a minute on two busy
 cores). Compiled code calls the same ``torch.ops.qlab`` operators on the same tensors as eager code,
@@ -29,7 +29,7 @@ NEEDS_C = pytest.mark.skipif(cpu.load() is None, reason=f"CPU kernels unavailabl
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -78,16 +78,13 @@ def test_compiled_quantized_llama_fullgraph_no_recompile(model):
             assert torch.equal(compiled(ids).logits, model(ids).logits)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert frames == 1, dict(torch._dynamo.utils.counters["stats"])
-        # a forced path is read at trace time and guarded on (the thread-local's value): a graph
-        # per path, each equal to eager under the same path, and none more once each was seen
-        graphs = []
-        for path in ("torch_int8", "auto", "torch_int8", "auto"):
-            with use_path(path):
-                prepare(model)
-                ids = _ids(6, 3)
-                assert torch.equal(compiled(ids).logits, model(ids).logits), path
-            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        assert graphs[1] == graphs[2] == graphs[3], graphs
+        # a forced path is read at trace time and guarded on (the thread-local's value): one more
+        # graph, equal to eager under the same path
+        with use_path("torch_int8"):
+            prepare(model)
+            ids = _ids(6, 3)
+            assert torch.equal(compiled(ids).logits, model(ids).logits)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert select_path(model.model.layers[0].mlp.up_proj, torch.zeros(6, 64)) == "cpu_int8dot"
 
 
@@ -192,7 +189,7 @@ def test_fused_projections_equal_separate_layers(model):
     from qlab.nn.fused import FusedMLP, ProjectionView
 
     fused = copy.deepcopy(model)
-    assert fuse_projections(fused) == {"qkv": 2, "gate_up": 2}
+    assert fuse_projections(fused) == {"qkv": 1, "gate_up": 1}
     block = fused.model.layers[0]
     assert isinstance(block.mlp, FusedMLP) and isinstance(block.self_attn.k_proj, ProjectionView)
     assert fuse_projections(fused) == {"qkv": 0, "gate_up": 0}  # nothing left to fuse
