@@ -253,7 +253,8 @@ def quantized_bits_per_weight(model: nn.Module) -> float:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantized layer (QuantLinear, Int8Linear) by an ``nn.Linear`` holding its effective
+    """Replace every quantized layer (QuantLinear, Int8Linear) by an ``nn.Linear`` (a QuantEmbedding by an
+    ``nn.Embedding`` tied to its head's) holding its effective
     float weight, in place; return ``model``. The model then computes what the quantized one computes on
     the reference path."""
     if not isinstance(model, nn.Module):
@@ -276,4 +277,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if not name:
             return lin
         set_module(model, name, lin)
+    for name, mod in list(model.named_modules()):  # their tables are nn.Linear now: tie embeddings to them
+        if isinstance(mod, QuantEmbedding):
+            emb = nn.Embedding(mod.linear.out_features, mod.linear.in_features, padding_idx=mod.padding_idx)
+            emb.weight = mod.linear.weight
+            set_module(model, name, emb)
     return model

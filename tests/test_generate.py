@@ -167,7 +167,15 @@ def test_quantized_embedding_is_the_tied_head(config):
     with torch.no_grad():
         h = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
         assert torch.allclose(model.lm_head(h), h @ table.t(), rtol=1e-2, atol=1e-2 * float(h.norm()))
-        model(ids)  # the whole model runs
+        want = model(ids).logits
+    from qlab.driver import dequantize_model
+
+    dequantize_model(model)  # back to float modules, still tied, computing the same table
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert torch.equal(model.lm_head.weight, table)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, rtol=1e-2, atol=1e-2)
 
 
 def test_quantize_embeddings_default_off_and_roundtrips_config():
