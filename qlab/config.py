@@ -28,6 +28,10 @@ class QuantConfig:
         skip: module-name glob patterns left in float (``lm_head`` and embeddings by default).
         overrides: ``{glob pattern: {field: value}}`` applied to matching module names, in order.
         method_kwargs: extra arguments for the method (e.g. ``{"damp": 0.01}`` for GPTQ).
+        quantize_embeddings: also quantize the input embedding and, when tied to it, the output head,
+            storing the table once (:class:`qlab.nn.QuantEmbedding`), whatever ``skip`` says. Its
+            settings are this config's, with the overrides matching ``"lm_head"`` applied (calibrated
+            methods fall back to ``rtn`` there). Off by default: the table stays float.
     """
 
     method: str = "rtn"
@@ -37,6 +41,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head", "*embed*")
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         m = get_method(self.method)

@@ -10,6 +10,8 @@ method alike, what a model needs:
   embedding): quantizing it would store the matrix twice;
 * quantizes linears that share one weight and one bias once, and installs the same layer under every
   name (linears sharing a weight but not a bias are quantized each on its own);
+* with ``config.quantize_embeddings``, quantizes the input embedding and a head tied to it as one
+  stored table (:func:`quantize_embeddings`);
 * runs a data-free method layer by layer (``Method.build``), or a calibrated one over the whole model
   (``Method.model_pass`` on token ids, then ``Method.wrap`` per layer), with a progress bar.
 
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from qlab.calibration import check_calibration
 from qlab.config import QuantConfig
-from qlab.nn import LAYER_TYPES, QuantLinear, is_conv1d, is_linear, linear_weight
+from qlab.nn import LAYER_TYPES, QuantEmbedding, QuantLinear, is_conv1d, is_linear, linear_weight
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -176,7 +178,50 @@ def quantize_model(
             layers[name] = config.build_layer(targets[name], name)
     for name in targets:
         set_module(model, name, layers[owner_of[name]])
+    if config.quantize_embeddings:
+        quantize_embeddings(model, config)
     model.qlab_config = config  # what qlab.io.save_quantized records
+    return model
+
+
+def _head_config(config: QuantConfig) -> QuantConfig:
+    """The settings for the embedding table: ``config`` with its ``"lm_head"`` overrides; ``rtn`` at
+    the same bits where the method needs calibration (a head has no block to calibrate in)."""
+    cfg = config.for_module("lm_head")
+    if cfg.entry.build is None:
+        cfg = QuantConfig("rtn", cfg.bits, cfg.group_size, cfg.symmetric)
+    return cfg
+
+
+@torch.no_grad()
+def quantize_embeddings(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize ``model``'s input embedding (``get_input_embeddings()``) into a
+    :class:`~qlab.nn.QuantEmbedding`, and install its table as the output head when the head's weight
+    is the embedding's (tied): one stored table, looked up by rows and multiplied by the kernels.
+    An untied float head becomes a QuantLinear of its own. Returns ``model``.
+
+    Settings: :func:`_head_config` (``config`` with the ``"lm_head"`` overrides, so that
+    ``overrides={"lm_head": {"bits": 8, "group_size": None}}`` gives an int8 per-row table).
+    """
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError("quantize_embeddings: model has no nn.Embedding as get_input_embeddings()")
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    cfg = _head_config(config)
+    k = emb.weight.shape[1]
+    if cfg.entry.grouped and cfg.group_size is not None and k % cfg.group_size:
+        g = 2 ** int(math.log2(cfg.group_size))  # as fit_group_sizes: the largest power of two below
+        while g > 1 and (k % g or g >= cfg.group_size):  # the requested size that divides k
+            g //= 2
+        cfg = QuantConfig.from_dict({**cfg.to_dict(), "group_size": g, "overrides": {}})
+    qemb = QuantEmbedding.from_embedding(emb, cfg)
+    names = {id(m): n for n, m in model.named_modules()}
+    set_module(model, names[id(emb)], qemb)
+    if isinstance(head, nn.Linear) and names.get(id(head)):
+        new_head = qemb.linear if head.weight is emb.weight else cfg.build_layer(head)
+        set_module(model, names[id(head)], new_head)
     return model
 
 
@@ -208,7 +253,8 @@ def quantized_bits_per_weight(model: nn.Module) -> float:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantized layer (QuantLinear, Int8Linear) by an ``nn.Linear`` holding its effective
+    """Replace every quantized layer (QuantLinear, Int8Linear) by an ``nn.Linear`` (a QuantEmbedding by an
+    ``nn.Embedding`` tied to its head's) holding its effective
     float weight, in place; return ``model``. The model then computes what the quantized one computes on
     the reference path."""
     if not isinstance(model, nn.Module):
@@ -231,4 +277,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if not name:
             return lin
         set_module(model, name, lin)
+    for name, mod in list(model.named_modules()):  # their tables are nn.Linear now: tie embeddings to them
+        if isinstance(mod, QuantEmbedding):
+            emb = nn.Embedding(mod.linear.out_features, mod.linear.in_features, padding_idx=mod.padding_idx)
+            emb.weight = mod.linear.weight
+            set_module(model, name, emb)
     return model

@@ -11,9 +11,12 @@ from qlab.nn.dispatch import (
     FAST_PATH_RTOL,
     PATH_TABLE,
     PATHS,
+    PREPARE_ROWS,
+    prepare,
     select_path,
     use_path,
 )
+from qlab.nn.embedding import QuantEmbedding
 from qlab.nn.int8 import DEFAULT_THRESHOLD, Int8Linear, outlier_features
 from qlab.nn.linear import FP8_MAX, MODES, QuantLinear, is_conv1d, is_linear, linear_weight
 
@@ -31,12 +34,15 @@ __all__ = [
     "MODES",
     "PATHS",
     "PATH_TABLE",
+    "PREPARE_ROWS",
     "Int8Linear",
+    "QuantEmbedding",
     "QuantLinear",
     "is_conv1d",
     "is_linear",
     "linear_weight",
     "outlier_features",
+    "prepare",
     "select_path",
     "use_path",
 ]

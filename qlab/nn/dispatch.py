@@ -28,6 +28,9 @@ On CPU without a C compiler (or with ``QLAB_CPU_KERNELS=0``) the ``cpu_*`` paths
 ``torch_*`` ones run. The fast paths agree with the reference within bf16 arithmetic: a relative
 (Frobenius) output error below :data:`FAST_PATH_RTOL`. Their converted weights are cached on the layer
 (``layer._cache``, built on first use, dropped by ``.to()`` and state loading): derived data, never saved.
+Before ``torch.compile``, call :func:`prepare` on the model: it builds those caches eagerly, so the
+compiled graph only reads them (built inside a graph, they would be traced, and the first call after
+it would recompile on the changed cache).
 
 This module knows a layer only by its tensors and spec (``qweight``, ``scale``, ``zero``, ``codebook``,
 ``spec``, ``mode``, shapes); it does not import the layer class, which calls it.
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -461,6 +464,54 @@ def select_path(layer: Layer, x: torch.Tensor) -> str:
     if _int4_group(layer) is not None:
         return "torch_int4"
     return "torch_int8"
+
+
+#: Input rows :func:`prepare` builds caches for by default: one token (decode) and a prompt (prefill).
+PREPARE_ROWS: tuple[int, ...] = (1, 64)
+
+
+def _is_layer(module: Any) -> bool:
+    """A module this dispatch runs (a QuantLinear, known by its buffers and path cache)."""
+    return hasattr(module, "_cache") and hasattr(module, "qweight") and hasattr(module, "spec")
+
+
+@torch.no_grad()
+def prepare(module: Any, paths: Iterable[str] | None = None) -> Any:
+    """Build now, eagerly, the converted weights a layer's fast paths cache; return ``module``.
+
+    ``module`` is a :class:`~qlab.nn.QuantLinear` or any module holding some (a whole model: every
+    layer inside is prepared once). ``paths`` defaults to the paths :func:`select_path` picks here
+    for :data:`PREPARE_ROWS` rows of input, plus the one :func:`use_path` forces, if any. Each path
+    runs once on a row of zeros, which builds exactly what that path reads.
+
+    Why: ``torch.compile`` of a layer with cold caches traces the conversion into its graph and
+    recompiles on the next call (Dynamo guards on the cache's keys), and some conversions branch on
+    tensor values, which ``fullgraph=True`` cannot trace. Prepared, the compiled graph only reads the
+    cache. A layer whose weights change later (``.to()``, state loading) drops its cache: prepare it
+    again before compiling again.
+    """
+    if not _is_layer(module):
+        seen: set[int] = set()
+        for sub in module.modules():
+            if _is_layer(sub) and id(sub) not in seen:
+                seen.add(id(sub))
+                prepare(sub, paths)
+        return module
+    layer = module
+    device = layer.qweight.device
+    if paths is None:
+        wanted = {select_path(layer, torch.zeros(r, layer.in_features, device=device)) for r in PREPARE_ROWS}
+        forced = forced_path()
+        if forced is not None:
+            wanted.add(forced)
+    else:
+        wanted = set(paths)
+    for path in sorted(wanted):
+        if path not in PATH_TABLE:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path != "reference":
+            run(layer, torch.zeros(1, layer.in_features, device=device), path)
+    return layer
 
 
 def run(layer: Layer, x: torch.Tensor, path: str) -> torch.Tensor:
