@@ -223,9 +223,9 @@ def test_import_keeps_the_files_codes(imported, quantized):
             assert isinstance(a, QuantLinear) and a.spec == spec_for(EXPECTED_TYPE[module]), (i, module)
             assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), (i, module)
     emb = imported.model.embed_tokens
-    assert isinstance(emb, QuantEmbedding) and imported.lm_head is emb.source  # tied, packed once
+    assert isinstance(emb, QuantEmbedding) and imported.lm_head is emb.linear  # tied, packed once
     ids = torch.tensor([[0, 5, 17, 5]])
-    assert torch.equal(emb(ids), emb.source.dequantize(torch.float32)[ids])
+    assert torch.equal(emb(ids), emb.linear.dequantize(torch.float32)[ids])
 
 
 def test_import_then_export_gives_the_same_bytes(imported, exported, tokenizer, tmp_path):
@@ -264,7 +264,7 @@ def test_untied_head_is_written_and_read_as_output(tokenizer, tmp_path):
     save_gguf(model, tmp_path / "untied.gguf", tokenizer_from=tokenizer)
     assert _tensors(tmp_path / "untied.gguf")["output.weight"].tensor_type.name == "Q8_0"
     back = load_gguf(tmp_path / "untied.gguf")
-    assert not back.config.tie_word_embeddings and back.lm_head is not back.model.embed_tokens.source
+    assert not back.config.tie_word_embeddings and back.lm_head is not back.model.embed_tokens.linear
     assert torch.equal(back.lm_head.dequantize(), model.lm_head.dequantize())
 
 

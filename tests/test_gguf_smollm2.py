@@ -52,7 +52,7 @@ def test_packed_import_holds_the_files_types(packed):
     q = packed.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.spec.float_zero and q.spec.group_size == 32
     assert isinstance(packed.model.embed_tokens, QuantEmbedding)
-    assert packed.lm_head is packed.model.embed_tokens.source  # tied, as in the file
+    assert packed.lm_head is packed.model.embed_tokens.linear  # tied, as in the file
     held = sum(t.numel() * t.element_size() for t in {id(t): t for t in packed.buffers()}.values())
     assert held < 100e6  # the file is 98 MB; the fp32 model is 540 MB
 

@@ -16,7 +16,8 @@ Depends on numpy, torch, ``gguf`` (gguf-py, imported when used) and transformers
 from qlab.gguf.blocks import BLOCK_TYPES, decode, encode, exact_type, spec_for
 from qlab.gguf.convert import GGUF_LAYER_NAMES, convert_gguf_llama, llama_config, unpermute_rotary
 from qlab.gguf.export import GGUF_TYPES, permute_rotary, save_gguf
-from qlab.gguf.load import QuantEmbedding, gguf_tokenizer, load_gguf, open_gguf
+from qlab.gguf.load import gguf_tokenizer, load_gguf, open_gguf
+from qlab.nn import QuantEmbedding  # the packed embedding load_gguf installs
 
 __all__ = [
     "BLOCK_TYPES",

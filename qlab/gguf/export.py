@@ -256,7 +256,7 @@ def save_gguf(
     """
     from gguf import GGUFWriter
 
-    from qlab.gguf.load import QuantEmbedding
+    from qlab.nn import QuantEmbedding
 
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) != "llama" or not hasattr(model, "model"):
@@ -308,13 +308,13 @@ def save_gguf(
     emb, head = inner.embed_tokens, getattr(model, "lm_head", None)
     vocab = int(config.vocab_size)
     if isinstance(emb, QuantEmbedding):
-        if emb.source.input_scale is not None or emb.source.mode != "weight":
+        if emb.linear.input_scale is not None or emb.linear.mode != "weight":
             raise ValueError("model: the packed embedding must be a plain weight-only layer")
-        exact = exact_type(emb.source.quantized_tensor())
+        exact = exact_type(emb.linear.quantized_tensor())
         if exact is None:
-            raise ValueError(f"model: the packed embedding ({emb.source.describe()}) has no exact GGUF type")
+            raise ValueError(f"model: the packed embedding ({emb.linear.describe()}) has no exact GGUF type")
         add("token_embd.weight", exact[1], BLOCK_TYPES[exact[0]].ggml, exact[0], (vocab, hidden))
-        tied = head is emb.source
+        tied = head is emb.linear
     else:
         arr, qtype = _quantize_float(emb.weight, embedding_type)
         add("token_embd.weight", arr, qtype, embedding_type, (vocab, hidden))

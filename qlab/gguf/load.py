@@ -32,11 +32,10 @@ from qlab.cache import transformers as _transformers
 from qlab.gguf.blocks import BLOCK_TYPES, decode
 from qlab.gguf.convert import GGUF_LAYER_NAMES, gguf_field, llama_config, unpermute_rotary
 from qlab.metrics import sqnr
-from qlab.nn import QuantLinear
-from qlab.packing import unpack
+from qlab.nn import QuantEmbedding, QuantLinear
 from qlab.tensor import QuantizedTensor, QuantSpec
 
-__all__ = ["QuantEmbedding", "gguf_tokenizer", "load_gguf", "open_gguf"]
+__all__ = ["gguf_tokenizer", "load_gguf", "open_gguf"]
 
 #: Types that are float already: loaded as float, never re-quantized.
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -76,47 +75,6 @@ def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The tokenizer transformers rebuilds from a GGUF file's ``tokenizer.ggml.*`` metadata."""
     path = Path(path)
     return _transformers().AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-class QuantEmbedding(nn.Module):
-    """An embedding table kept packed: ``forward(ids)`` dequantizes the looked-up rows only.
-
-    ``source`` is a :class:`~qlab.nn.QuantLinear` of shape ``[vocab, hidden]``: row ``t`` of its weight
-    is token ``t``'s vector. In a tied model the same layer is the head (``lm_head``), as in llama.cpp,
-    where ``token_embd`` serves both when ``output.weight`` is absent.
-    """
-
-    def __init__(self, source: QuantLinear) -> None:
-        super().__init__()
-        if not isinstance(source, QuantLinear) or source.mode != "weight":
-            raise TypeError(f"source must be a weight-only QuantLinear, got {type(source).__name__}")
-        self.source = source
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.source.out_features
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.source.in_features
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        src, flat = self.source, ids.reshape(-1)
-        codes = unpack(src.qweight[flat], src.spec.bits, src.in_features)
-        if src.spec.code_dtype == torch.int8:
-            codes = (codes.to(torch.int16) - 2 ** (src.spec.bits - 1)).to(torch.int8)
-
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t if t is None or t.shape[0] == 1 else t[flat]
-
-        qt = QuantizedTensor(
-            codes=codes, scale=rows(src.scale), zero=rows(src.zero), spec=src.spec,
-            shape=torch.Size((flat.numel(), src.in_features)), codebook=src.codebook,
-        )  # fmt: skip
-        return qt.dequantize(src.weight_dtype).reshape(*ids.shape, src.in_features)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, packed {self.source.describe()}"
 
 
 def _requantize_layer(w: torch.Tensor, name: str, kind: str, requantize: Any) -> QuantLinear:

@@ -21,6 +21,7 @@ from torch import nn
 
 from qlab.nn.linear import QuantLinear
 from qlab.packing import unpack
+from qlab.tensor import QuantizedTensor
 
 
 class QuantEmbedding(nn.Module):
@@ -66,25 +67,23 @@ class QuantEmbedding(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``E[ids]`` in ``weight_dtype``, shape ``[*ids.shape, embedding_dim]``: only these rows unpacked.
 
-        ``s`` and ``z`` are ``[vocab or 1, groups or 1]`` (per tensor, channel or group); their rows are
-        gathered (or broadcast) and each group's value repeated over its ``g`` inputs.
+        The gathered codes, with their rows of ``scale`` and ``zero`` (per-tensor and per-channel-shared
+        values broadcast), are dequantized by :meth:`QuantizedTensor.dequantize`, the one formula for
+        every spec (integer or float zero-point, symmetric, codebook).
         """
-        lin = self.linear
-        k = lin.in_features
-        u = unpack(lin.qweight[ids], lin.spec.bits, k).float()  # [..., k]
+        lin, flat = self.linear, ids.reshape(-1)
+        codes = unpack(lin.qweight[flat], lin.spec.bits, lin.in_features)
+        if lin.spec.code_dtype == torch.int8:  # symmetric codes are stored offset by 2^(bits-1)
+            codes = (codes.to(torch.int16) - 2 ** (lin.spec.bits - 1)).to(torch.int8)
 
-        def per_input(t: torch.Tensor) -> torch.Tensor:
-            t = t.float()
-            t = t[ids] if t.shape[0] == lin.out_features else t.expand(lin.out_features, -1)[ids]
-            return t.repeat_interleave(k // t.shape[-1], dim=-1)
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[flat]
 
-        if lin.codebook is not None:
-            values = lin.codebook.float()[u.long()]
-        elif lin.zero is not None:
-            values = u - per_input(lin.zero)
-        else:  # symmetric codes are stored offset by 2^(bits-1)
-            values = u - 2.0 ** (lin.spec.bits - 1)
-        return (values * per_input(lin.scale)).to(lin.weight_dtype)
+        qt = QuantizedTensor(
+            codes=codes, scale=rows(lin.scale), zero=rows(lin.zero), spec=lin.spec,
+            shape=torch.Size((flat.numel(), lin.in_features)), codebook=lin.codebook,
+        )  # fmt: skip
+        return qt.dequantize(lin.weight_dtype).reshape(*ids.shape, lin.in_features)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
