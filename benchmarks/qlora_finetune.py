@@ -88,7 +88,8 @@ def main() -> None:
     print(f"SmolLM2-135M nf4 g64 (on the fly), LoRA r=8 on {', '.join(TARGETS)}")
     print(
         f"training: {args.steps} steps x {args.batch} x {SEQ_LEN} tokens, {args.threads} threads, "
-        f"{train_s:.0f} s ({train_s / args.steps:.2f} s/step); loss {first:.3f} -> {last:.3f} (mean of first/last 5 steps)"
+        f"{train_s:.0f} s ({train_s / args.steps:.2f} s/step); loss {first:.3f} -> {last:.3f} "
+        "(mean of the first and last 5 steps)"
     )
     print(
         f"trainable {trainable / 2**20:.2f} MiB of {total / 2**20:.1f} MiB total "
