@@ -103,15 +103,36 @@ def test_adapters_train_and_the_base_stays_frozen(float_dir):
     assert all(not t.requires_grad for t in base.buffers())
 
 
-@pytest.mark.parametrize(("method", "bits", "group_size"), [("fp8", 8, None), ("w8a8", 8, None)])
-def test_other_layer_kinds_take_adapters(float_dir, method, bits, group_size):
-    model = lora_model(float_dir, method, bits, group_size)
+LAYER_KINDS = [
+    ("rtn", 2, 32),
+    ("fp4", 4, 32),
+    ("hqq", 4, 32),
+    ("fp8", 8, None),
+    ("w8a8", 8, None),
+    ("gptq", 4, 32),
+    ("awq", 4, 32),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "bits", "group_size"), LAYER_KINDS, ids=[f"{m}{b}" for m, b, _ in LAYER_KINDS]
+)
+def test_every_quantlinear_method_takes_adapters(float_dir, method, bits, group_size):
+    if method in ("gptq", "awq"):  # calibrated: quantized in memory, then wrapped
+        model = LlamaForCausalLM.from_pretrained(float_dir)
+        kw = {"grid": 4} if method == "awq" else {}
+        cfg = qlab.QuantConfig(method, bits, group_size, method_kwargs=kw)
+        qlab.quantize_model(model, cfg, batch(5)[:2], progress=False)
+        model = qpeft.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    else:
+        model = lora_model(float_dir, method, bits, group_size)
     wrapped = [m for m in model.modules() if isinstance(m, qpeft.QlabLoraLinear)]
-    assert wrapped[0].get_base_layer().mode == method
-    assert wrapped[0].lora_A["default"].weight.dtype == torch.float32  # not the fp8 storage dtype
+    base = wrapped[0].get_base_layer()
+    assert isinstance(base, QuantLinear) and base.mode == {"fp8": "fp8", "w8a8": "w8a8"}.get(method, "weight")
+    assert wrapped[0].lora_A["default"].weight.dtype == torch.float32  # not the fp8/uint8 storage dtype
     x = batch(1)
     model(input_ids=x, labels=x).loss.backward()
-    assert wrapped[0].lora_B["default"].weight.grad.abs().sum() > 0
+    assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in wrapped)
 
 
 def test_int8linear_bases_are_refused_clearly(float_dir):
