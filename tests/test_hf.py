@@ -342,3 +342,24 @@ def test_smollm2_on_the_fly_peak_memory(fetched, tmp_path):
     )
     assert q["layers"] == 210
     assert q_load < float_mb + quant_mb  # never the whole float model plus its quantized copy
+
+
+def test_bert_encoder_through_automodel(tmp_path):
+    """An encoder (MiniLM's architecture, tiny) through AutoModel: on the fly, then save and reload."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(cfg).eval().save_pretrained(tmp_path / "float")
+    model = AutoModel.from_pretrained(tmp_path / "float", quantization_config=QlabConfig("rtn", 4, 32))
+    assert len(quantized_layers(model)) == 2 * 6 + 1  # q, k, v, attn out, intermediate, out; the pooler
+    x = tokens(6)
+    with torch.no_grad():
+        before = model(x).last_hidden_state
+    model.save_pretrained(tmp_path / "hf")
+    loaded = AutoModel.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, before)
