@@ -363,3 +363,24 @@ def test_bert_encoder_through_automodel(tmp_path):
     loaded = AutoModel.from_pretrained(tmp_path / "hf")
     with torch.no_grad():
         assert torch.equal(loaded(x).last_hidden_state, before)
+
+
+def test_qlab_io_file_and_hf_folder_convert_both_ways(float_dir, tmp_path):
+    from qlab.hf import export_pretrained, import_pretrained
+
+    model = quantize(float_dir, "gptq", 4, 32)
+    x = tokens(8)
+    before = logits(model, x)
+    save_quantized(model, tmp_path / "a.safetensors")
+    export_pretrained(tmp_path / "a.safetensors", tmp_path / "hf")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), x), before)
+    import_pretrained(tmp_path / "hf", tmp_path / "b.safetensors")
+    assert torch.equal(logits(load_quantized(tmp_path / "b.safetensors"), x), before)
+    with (
+        safe_open(str(tmp_path / "a.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "hf/model.safetensors"), "pt") as h,
+    ):
+        extra = set(json.loads(a.metadata()["qlab"])["extra_buffers"])  # qlab.io also keeps rotary tables
+        shared = set(a.keys()) - extra
+        assert {k for k in h.keys() if not k.endswith(".weight") or k in shared} == shared
+        assert all(torch.equal(a.get_tensor(k), h.get_tensor(k)) for k in shared)  # the same bytes
