@@ -52,6 +52,7 @@ def main() -> None:
         return perplexity(m, tok, seq_len=SEQ_LEN, max_windows=args.eval_windows, progress=False)
 
     before = ppl(model)
+    print(f"held-out perplexity, nf4 without adapters: {before:.2f}", flush=True)
     peft_model = qlab.peft.get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     )
@@ -68,9 +69,11 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        print(f"step {step + 1}/{args.steps}: loss {losses[-1]:.3f}", flush=True)
     train_s = time.perf_counter() - t0
     peft_model.eval()
     after = ppl(peft_model)
+    print(f"held-out perplexity, nf4 + LoRA: {after:.2f} (training {train_s:.0f} s)", flush=True)
 
     state = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     merged_float = ppl(qlab.peft.merge_and_unload(peft_model, to="float"))
