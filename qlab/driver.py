@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ from tqdm.auto import tqdm
 from qlab.calibration import check_calibration
 from qlab.config import QuantConfig
 from qlab.nn import LAYER_TYPES, QuantEmbedding, QuantLinear, is_conv1d, is_linear, linear_weight
+
+#: Called as ``hook(model, config)`` when :func:`quantize_model` or :func:`qlab.load_quantized` has
+#: produced a quantized model. The transformers backend (:mod:`qlab.hf`) registers one that makes
+#: ``model.save_pretrained`` write a qlab checkpoint; the driver itself knows nothing about it.
+AFTER_QUANTIZE: list[Callable[[nn.Module, QuantConfig], None]] = []
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -181,6 +187,8 @@ def quantize_model(
     if config.quantize_embeddings:
         quantize_embeddings(model, config)
     model.qlab_config = config  # what qlab.io.save_quantized records
+    for hook in AFTER_QUANTIZE:
+        hook(model, config)
     return model
 
 

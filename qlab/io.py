@@ -312,6 +312,11 @@ def load_quantized(
             model.qlab_config = QuantConfig.from_dict(meta["config"])
         except (TypeError, ValueError):
             pass  # the config is informational; the layers carry their own specs
+    if getattr(model, "qlab_config", None) is not None:
+        from qlab.driver import AFTER_QUANTIZE
+
+        for hook in AFTER_QUANTIZE:  # e.g. qlab.hf: save_pretrained writes a qlab checkpoint
+            hook(model, model.qlab_config)
     model.eval()
     return model
 
