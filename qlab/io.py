@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from qlab.config import QuantConfig
-from qlab.nn import LAYER_TYPES
+from qlab.nn import LAYER_TYPES, QuantEmbedding
 from qlab.tensor import dtype_name, parse_dtype
 
 #: Version this qlab writes; files with a larger version are refused.
@@ -76,6 +76,12 @@ def save_quantized(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    packed_tables = [n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
+    if packed_tables:
+        raise ValueError(
+            f"model: {packed_tables[0]} is a QuantEmbedding (quantize_embeddings=True), which qlab.io cannot "
+            "save yet; save before quantizing the embedding, or export with qlab.gguf.save_gguf"
+        )
     layers = {
         n: m.layer_config()
         for n, m in model.named_modules(remove_duplicate=False)  # a shared layer is listed under each name

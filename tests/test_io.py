@@ -281,3 +281,15 @@ def test_smollm2_round_trip_without_factory(tmp_path):
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert read_metadata(path)["model"]["name"] == "smollm2-135m"
+
+
+def test_a_packed_embedding_is_refused_clearly(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    quantize_model(model, QuantConfig("rtn", 8, None, quantize_embeddings=True), progress=False)
+    with pytest.raises(ValueError, match="QuantEmbedding.*cannot save"):
+        save_quantized(model, tmp_path / "x.safetensors")
