@@ -168,7 +168,10 @@ class QlabConfig(QuantizationConfigMixin):
         """The JSON config of a :class:`qlab.QuantConfig` (for a model quantized by ``quantize_model``)."""
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be a qlab.QuantConfig, got {type(config).__name__}")
-        return cls(**config.to_dict())
+        fields = config.to_dict()
+        if fields.pop("quantize_embeddings", False):
+            raise ValueError("quantize_embeddings: not supported by the transformers backend yet")
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -432,6 +435,11 @@ def attach(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     config = config if config is not None else getattr(model, "qlab_config", None)
     if config is None:
         raise ValueError("config: the model records no qlab_config; pass the QuantConfig used")
+    if config.quantize_embeddings:
+        raise ValueError(
+            "config.quantize_embeddings: a packed embedding cannot be saved with save_pretrained yet; "
+            "quantize without it, or export with qlab.gguf.save_gguf"
+        )
     qc = QlabConfig.from_quant_config(config)
     quantizer = QlabHfQuantizer(qc, pre_quantized=True)
     quantizer.qconfig = config
@@ -448,7 +456,9 @@ def attach(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 def _attach_if_transformers(model: nn.Module, config: QuantConfig) -> None:
     from transformers.modeling_utils import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel):
+    # A packed embedding (quantize_embeddings=True) has no checkpoint layout yet: leave such a model
+    # unattached rather than make QlabConfig describe what it cannot load (README, Limits).
+    if isinstance(model, PreTrainedModel) and not config.quantize_embeddings:
         attach(model, config)
 
 
