@@ -258,6 +258,10 @@ class Recommendation:
         return "\n".join(lines)
 
 
+BITS_CHOICES = (2, 3, 4, 8)
+"""The bit widths :func:`recommend` (and the method picker) offers."""
+
+
 def _check_choice(value: object, name: str, choices: tuple[object, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -287,7 +291,7 @@ def recommend(
        data, at group 64 so that each scale follows the weights closely.
     """
     _check_choice(hardware, "hardware", HARDWARE)
-    _check_choice(target_bits, "target_bits", (2, 3, 4, 8))
+    _check_choice(target_bits, "target_bits", BITS_CHOICES)
     for name, flag in (("calibration", calibration), ("finetune", finetune)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -361,5 +365,11 @@ def recommend(
 
     memory = estimate_memory(model, scheme)
     if memory.total > limit:
-        reasons.append("the weights alone exceed the memory chosen: pick fewer bits or a smaller model")
+        if target_bits == min(BITS_CHOICES):
+            reasons.append(
+                f"the weights alone exceed the memory chosen even at {target_bits} bits, the fewest offered: "
+                "pick a smaller model or more memory"
+            )
+        else:
+            reasons.append("the weights alone exceed the memory chosen: pick fewer bits or a smaller model")
     return Recommendation(cfg.method, cfg, settings, tuple(reasons), memory, limit, scheme)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from qlab.formats import FloatFormat, Format, bits_of, format_bytes, get_format, round_to
@@ -186,25 +187,54 @@ def error_stats(
     return ErrorStats(sqnr(x, xhat), max_abs_error(x, xhat), bpw)
 
 
-def quantization_grid(x: torch.Tensor, qt: QuantizedTensor) -> tuple[torch.Tensor, str]:
-    """The values one block of ``qt`` can represent, and which block: the one holding ``max |x|``.
+def _n_blocks(qt: QuantizedTensor) -> int:
+    return math.prod(n // b for n, b in zip(qt.shape, qt.block_size, strict=True))
 
-    Every code ``q`` of that block maps to ``scale * (q - zero)`` (or ``scale * table[q]``). Per-tensor specs
-    have a single block, so this is the whole grid.
+
+def quantization_grid(x: torch.Tensor, qt: QuantizedTensor, which: str = "max") -> tuple[torch.Tensor, str]:
+    """The values one block of ``qt`` can represent, and which block.
+
+    ``which="max"``: the block holding ``max |x|`` (an outlier's block); ``which="median"``: a typical block,
+    the one whose scale is the median of all the blocks' scales. Every code ``q`` of that block maps to
+    ``scale * (q - zero)`` (or ``scale * table[q]``). Per-tensor specs have a single block, so this is the
+    whole grid.
     """
+    if which not in ("max", "median"):
+        raise ValueError(f"which must be 'max' or 'median', got {which!r}")
     spec, block = qt.spec, qt.block_size
-    n_blocks = math.prod(n // b for n, b in zip(qt.shape, block, strict=True))
-    # Which block holds the largest |x|: take the argmax position and divide by the block size per dim.
-    pos = torch.unravel_index(x.detach().abs().argmax(), tuple(x.shape))
-    idx = tuple(int(p) // b for p, b in zip(pos, block, strict=True))
-    scale = float(qt.scales()[idx]) if qt.scale.dim() else float(qt.scales())
+    n_blocks = _n_blocks(qt)
+    scales = qt.scales()
+    if which == "max":
+        # Which block holds the largest |x|: take the argmax position and divide by the block size per dim.
+        pos = torch.unravel_index(x.detach().abs().argmax(), tuple(x.shape))
+        idx = tuple(int(p) // b for p, b in zip(pos, block, strict=True))
+    else:
+        flat = scales.float().abs().reshape(-1)
+        k = int((flat - flat.median()).abs().argmin())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), tuple(scales.shape)))
+    scale = float(scales[idx]) if scales.dim() else float(scales)
     if qt.codebook is not None:
         grid = scale * qt.codebook.float().sort().values
     else:
         zero = 0.0 if qt.zero is None else float(qt.zero.float()[idx] if qt.zero.dim() else qt.zero)
         grid = scale * (torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32) - zero)
-    where = "the tensor's grid" if n_blocks == 1 else f"grid of the block holding max|x| (1 of {n_blocks})"
+    if n_blocks == 1:
+        where = "the tensor's grid"
+    elif which == "max":
+        where = f"grid of the block holding max|x| (1 of {n_blocks})"
+    else:
+        where = f"grid of a typical block, median scale (1 of {n_blocks})"
     return grid, where
+
+
+def _view(values: Any) -> tuple[float, float] | None:
+    """An x-range that shows the bulk of ``values`` when a few outliers would squash it, else None."""
+    lo, hi = (float(v) for v in np.quantile(values, [0.0005, 0.9995]))
+    width = max(hi - lo, 1e-30)
+    if values.max() - values.min() <= 4 * width:
+        return None
+    pad = 0.15 * width
+    return lo - pad, hi + pad
 
 
 def plot_error_histogram(
@@ -216,7 +246,13 @@ def plot_error_histogram(
 ) -> Figure:
     """Left: histogram of ``x`` with the quantization grid drawn over it (for a QuantizedTensor). Right:
     histogram of the error ``x_hat - x``. SQNR, max error and bits per weight (see :func:`error_stats`) are
-    written on the error panel."""
+    written on the error panel.
+
+    With one block (per-tensor) the red lines are the tensor's grid. With many blocks they are the grid of a
+    typical block (median scale), which tightens as blocks shrink, and dashed grey lines are the grid of the
+    block holding ``max |x|``. When a few outliers lie far from the bulk, the left panel zooms on the bulk
+    (99.9% of the weights); the weights beyond are counted in its edge bars, and a note says how many.
+    """
     xhat = _reconstruction(x, qt_or_xhat)
     stats = error_stats(x, qt_or_xhat, bits_per_weight=bits_per_weight)
     values = x.detach().double().flatten().numpy()
@@ -224,19 +260,37 @@ def plot_error_histogram(
     plt = _pyplot()
     fig, (ax_w, ax_e) = plt.subplots(1, 2, figsize=(11, 3.6))
 
-    ax_w.hist(values, bins=120, color="#4c72b0", alpha=0.8)
-    grid_note = ""
+    view = _view(values)
+    notes = []
+    if view is None:
+        ax_w.hist(values, bins=120, color="#4c72b0", alpha=0.8)
+    else:
+        beyond = int(((values < view[0]) | (values > view[1])).sum())
+        ax_w.hist(np.clip(values, *view), bins=120, range=view, color="#4c72b0", alpha=0.8)
+        ax_w.set_xlim(*view)
+        notes.append(f"zoomed on the bulk: {beyond} weights beyond, in the edge bars")
     if isinstance(qt_or_xhat, QuantizedTensor):
-        grid, grid_note = quantization_grid(x, qt_or_xhat)
+        grid, where = quantization_grid(x, qt_or_xhat)
         lines = grid.tolist()
+        if _n_blocks(qt_or_xhat) > 1:
+            typical, _ = quantization_grid(x, qt_or_xhat, which="median")
+            for g in lines:  # the outlier's block, thin and dashed behind the typical grid
+                ax_w.axvline(g, color="#555555", linewidth=0.7, linestyle="--", alpha=0.6)
+            n = _n_blocks(qt_or_xhat)
+            notes[:0] = [
+                f"red: grid of a typical block (median scale), {typical.numel()} levels",
+                f"dashed: grid of the block holding max|x| (1 of {n})",
+            ]
+            lines = typical.tolist()
+        else:
+            notes.insert(0, f"red lines: {where}, {len(lines)} levels")
         # Past ~64 levels the lines merge into a grey band; draw them thinner so the histogram stays visible.
         lw = 0.8 if len(lines) <= 64 else 0.3
         for g in lines:
             ax_w.axvline(g, color="#dd5533", linewidth=lw, alpha=0.7)
-        grid_note = f"red lines: {grid_note}, {len(lines)} levels"
     ax_w.set_xlabel("weight value")
     ax_w.set_ylabel("count")
-    ax_w.set_title("weights" + (f"\n{grid_note}" if grid_note else ""), fontsize=10)
+    ax_w.set_title("\n".join(["weights", *notes]), fontsize=9 if len(notes) > 1 else 10)
 
     ax_e.hist(err, bins=120, color="#55a868", alpha=0.85)
     ax_e.set_xlabel("error (dequantized - original)")
@@ -289,7 +343,8 @@ def _memory_row(row: object) -> tuple[str, int, int, int]:
 def plot_memory(rows: Sequence[object], *, gpu_bytes: int | None = None, title: str | None = None) -> Figure:
     """Horizontal bars of bytes per scheme: codes (or float weights), scale/zero overhead, and the
     parameters left unquantized, stacked; each bar is labelled with its total. ``gpu_bytes`` draws a
-    memory limit line.
+    memory limit line, or, when it lies beyond 3x the largest bar (a small model against a large GPU), a note
+    instead, so the bars keep the width of the plot. The axis is in GB, or in MB below 1 GB.
 
     ``rows``: :class:`qlab.picker.MemoryEstimate` objects or mappings with ``label``, ``weight_bytes``
     (or ``bytes``), and optional ``overhead_bytes`` and ``other_bytes``.
@@ -303,22 +358,37 @@ def plot_memory(rows: Sequence[object], *, gpu_bytes: int | None = None, title: 
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(parsed) + 1.6))
     ys = list(range(len(parsed)))[::-1]
     labels = [p[0] for p in parsed]
-    gb = 1e9
-    w = [p[1] / gb for p in parsed]
-    o = [p[2] / gb for p in parsed]
-    r = [p[3] / gb for p in parsed]
+    largest = max(sum(p[1:]) for p in parsed)
+    # GB for models of a GB or more, MB below, so that a small model's bars are not a sliver.
+    unit, scale = ("GB", 1e9) if largest >= 1e9 else ("MB", 1e6)
+    w = [p[1] / scale for p in parsed]
+    o = [p[2] / scale for p in parsed]
+    r = [p[3] / scale for p in parsed]
     ax.barh(ys, w, color="#4c72b0", label="weights / codes")
     ax.barh(ys, o, left=w, color="#dd8452", label="scales + zeros")
     ax.barh(ys, r, left=[a + b for a, b in zip(w, o, strict=True)], color="#bbbbbb", label="not quantized")
-    top = max(sum(p[1:]) for p in parsed) / gb
+    top = largest / scale
     for y, p in zip(ys, parsed, strict=True):
-        ax.text(sum(p[1:]) / gb + top * 0.01, y, format_bytes(sum(p[1:])), va="center", fontsize=9)
+        ax.text(sum(p[1:]) / scale + top * 0.01, y, format_bytes(sum(p[1:])), va="center", fontsize=9)
     if gpu_bytes is not None:
-        ax.axvline(gpu_bytes / gb, color="#c44e52", linestyle="--", label=f"memory {format_bytes(gpu_bytes)}")
-        top = max(top, gpu_bytes / gb)
+        limit = f"memory {format_bytes(gpu_bytes)}"
+        if gpu_bytes <= 3 * largest:  # close enough to the bars to draw on the same axis
+            ax.axvline(gpu_bytes / scale, color="#c44e52", linestyle="--", label=limit)
+            top = max(top, gpu_bytes / scale)
+        else:  # far beyond: drawing it would squash every bar against the left edge
+            ax.text(
+                0.99,
+                1.01,
+                f"{limit}: {gpu_bytes / largest:,.0f}x the largest bar, off this scale (every scheme fits)",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=8,
+                color="#c44e52",
+            )
     ax.set_xlim(0, top * 1.18)
     ax.set_yticks(ys, labels)
-    ax.set_xlabel("GB (10^9 bytes)")
+    ax.set_xlabel(f"{unit} (10^{9 if unit == 'GB' else 6} bytes)")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "memory per scheme")
     fig.tight_layout()

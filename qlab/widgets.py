@@ -72,8 +72,22 @@ def _label(w: Any, css: str, text: str = "") -> Any:
     return lab
 
 
+LIVE_NOTE = "(a live qlab widget: it runs in Jupyter with a kernel; the static figure shows its default view)"
+"""A live widget's plain-text form: what GitHub, nbconvert or any viewer without a widget manager shows."""
+
+
+def _live_box_class(w: Any) -> type:
+    class LiveBox(w.VBox):  # type: ignore[misc, name-defined]
+        """A VBox whose plain text is one line for readers without a kernel, not ``VBox(children=...``."""
+
+        def __repr__(self) -> str:
+            return LIVE_NOTE
+
+    return LiveBox
+
+
 def _box(w: Any, children: list[Any], controls: dict[str, Any], labels: dict[str, Any], image: Any) -> Any:
-    box = w.VBox(children)
+    box = _live_box_class(w)(children)
     box.add_class("qlab-widget")
     for name, ctl in controls.items():
         ctl.add_class("qlab-control-" + name.replace("_", "-"))  # e.g. .qlab-control-bits, for browser tests
@@ -280,10 +294,13 @@ def explorer_quantize(
     granularity: str = "group",
     group_size: int = 64,
     methods: Mapping[str, Quantizer] | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> QuantizedTensor:
     """What the error-histogram explorer computes for one setting of its controls.
 
-    Codebook methods (NF4, FP4) ignore ``bits`` and ``symmetric``: they are 4-bit absmax formats.
+    ``scale_dtype`` is the dtype scales and zeros are stored in (it counts in the bits per weight). Codebook
+    methods (NF4, FP4) ignore ``bits``, ``symmetric`` and ``scale_dtype``: they are 4-bit formats with an
+    fp32 absmax per block.
     """
     methods = available_methods() if methods is None else methods
     if method not in methods:
@@ -292,7 +309,9 @@ def explorer_quantize(
     if method in ("NF4", "FP4"):
         spec = QuantSpec(bits=4, symmetric=False, granularity=granularity, **kw)  # type: ignore[arg-type]
     else:
-        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, **kw)  # type: ignore[arg-type]
+        spec = QuantSpec(
+            bits=bits, symmetric=symmetric, granularity=granularity, scale_dtype=scale_dtype, **kw
+        )  # type: ignore[arg-type]
     return methods[method](x, spec)
 
 
@@ -310,12 +329,17 @@ def error_histogram_explorer(
     inputs: Mapping[str, torch.Tensor] | None = None,
     methods: Mapping[str, Quantizer] | None = None,
     bits: int = 4,
+    scale_dtype: torch.dtype = torch.float32,
     seed: int = 0,
     static: bool = False,
 ) -> Any:
     """Pick a tensor (random, or named layers of a real model passed as ``{name: weight}``), a method, bits,
-    symmetric/asymmetric, granularity and group size; see the weight histogram with the quantization grid,
-    the error histogram, and SQNR, max error and bits per weight.
+    symmetric/asymmetric, granularity, group size and the dtype of the stored scales and zeros; see the
+    weight histogram with the quantization grid, the error histogram, and SQNR, max error and bits per weight
+    (scales and zeros counted in ``scale_dtype``, the starting value of the ``scales`` control).
+
+    An impossible combination (NF4 or FP4 per tensor, HQQ symmetric, ...) says why and blanks the numbers and
+    the picture until the controls make sense again, so nothing stale stays on screen.
 
     ``inputs``: ``{tensor name: layer inputs [..., in]}`` for some tensors. For those, GPTQ and AWQ are
     offered and an extra label shows the SQNR of the layer *output* ``inputs @ W.T``, the quantity they
@@ -341,10 +365,16 @@ def error_histogram_explorer(
         all_methods.setdefault(method_name, None)  # built per tensor from its inputs, on first use
     data_cache: dict[tuple[str, str], Quantizer] = {}
     first = next(iter(tensors))
+    if scale_dtype not in _SCALE_DTYPES.values():
+        raise ValueError(f"scale_dtype must be one of {list(_SCALE_DTYPES.values())}, got {scale_dtype!r}")
     if static:
         x = tensors[first].detach().float()
-        qt = explorer_quantize(x, "RTN", bits, False, "group", _group_default(x), all_methods)
-        return plot_error_histogram(x, qt, title=f"{first}: {qt.spec.describe()}")
+        qt = explorer_quantize(
+            x, "RTN", bits, False, "group", _group_default(x), all_methods, scale_dtype=scale_dtype
+        )
+        return plot_error_histogram(
+            x, qt, title=f"{first}: {qt.spec.describe()}, {_dtype_name(scale_dtype)} scales"
+        )
 
     w = _ipywidgets()
     c = {
@@ -356,6 +386,9 @@ def error_histogram_explorer(
             options=["tensor", "channel", "group"], value="group", description="granularity"
         ),
         "group_size": w.Dropdown(options=[16, 32, 64, 128, 256], value=64, description="group size"),
+        "scale_dtype": w.Dropdown(
+            options=list(_SCALE_DTYPES.items()), value=scale_dtype, description="scales"
+        ),
     }
     c["group_size"].value = _group_default(tensors[first])
     labels = {
@@ -374,18 +407,21 @@ def error_histogram_explorer(
         codebook = c["method"].value in ("NF4", "FP4")
         method = c["method"].value
         chosen = {k: v for k, v in all_methods.items() if v is not None}
+
+        def impossible(why: str) -> None:  # say why, and blank what no longer matches the controls
+            labels["status"].value = f"<span style='color:#b22'>{html.escape(why)}</span>"
+            for key in ("sqnr", "max_error", "bits_per_weight", "output_sqnr"):
+                labels[key].value = ""
+            image.value = b""
+
         if all_methods[method] is None:
             if name not in inputs:
-                labels[
-                    "status"
-                ].value = (
-                    f"<span style='color:#b22'>{method} needs layer inputs for {html.escape(name)}</span>"
-                )
+                impossible(f"{method} needs layer inputs for {name}")
                 return
             if (method, name) not in data_cache:
                 data_cache[method, name] = data_methods[method](inputs[name])
             chosen[method] = data_cache[method, name]
-        c["bits"].disabled = c["symmetric"].disabled = codebook
+        c["bits"].disabled = c["symmetric"].disabled = c["scale_dtype"].disabled = codebook
         c["group_size"].disabled = c["granularity"].value != "group"
         try:
             result = explorer_quantize(
@@ -396,22 +432,26 @@ def error_histogram_explorer(
                 c["granularity"].value,
                 c["group_size"].value,
                 chosen,
+                scale_dtype=c["scale_dtype"].value,
             )
-        except ValueError as e:  # an impossible combination: say why, keep the last picture
-            labels["status"].value = f"<span style='color:#b22'>{html.escape(str(e))}</span>"
+        except ValueError as e:  # an impossible combination
+            impossible(str(e))
             return
         # The picture first, the numbers last: widget messages arrive in order, so whoever sees the new
         # numbers (a learner, the browser test) already has the new picture.
         xhat, qt, bpw = reconstruct(x, result)
         spec = (result if isinstance(result, QuantizedTensor) else result[0]).spec
         shown = qt if qt is not None else xhat  # a QuantizedTensor brings its grid into the picture
-        fig = plot_error_histogram(x, shown, title=f"{name}: {method} {spec.describe()}", bits_per_weight=bpw)
+        scales = "fp32 absmax" if codebook else f"{_dtype_name(spec.scale_dtype)} scales"
+        fig = plot_error_histogram(
+            x, shown, title=f"{name}: {method} {spec.describe()}, {scales}", bits_per_weight=bpw
+        )
         image.value = figure_png(fig)
         stats = error_stats(x, xhat, bits_per_weight=bpw)
         labels["output_sqnr"].value = (
             f"<b>output SQNR {output_sqnr(x, xhat, inputs[name]):.2f} dB</b>" if name in inputs else ""
         )
-        labels["status"].value = html.escape(spec.describe())
+        labels["status"].value = html.escape(f"{spec.describe()}, {scales}")
         for key, text in stats.labels().items():
             labels[key].value = f"<b>{html.escape(text)}</b>"
 
@@ -423,12 +463,19 @@ def error_histogram_explorer(
     children = [
         w.HBox([c["tensor"], c["method"]]),
         w.HBox([c["bits"], c["symmetric"]]),
-        w.HBox([c["granularity"], c["group_size"]]),
+        w.HBox([c["granularity"], c["group_size"], c["scale_dtype"]]),
         numbers,
         labels["status"],
         image,
     ]
     return _box(w, children, c, labels, image)
+
+
+_SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((k for k, v in _SCALE_DTYPES.items() if v == dtype), str(dtype))
 
 
 def _group_default(x: torch.Tensor) -> int:
@@ -607,4 +654,5 @@ __all__ = [
     "output_sqnr",
     "memory_calculator",
     "method_picker",
+    "LIVE_NOTE",
 ]

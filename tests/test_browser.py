@@ -4,8 +4,9 @@ Starts JupyterLab on a loopback port with a random token and a temporary root ho
 opens it in Debian's ``chromium`` (or ``$QLAB_CHROMIUM``, ``chromium-browser``, ``google-chrome``) through
 the ``playwright`` package (its own browser download cannot work offline), runs the widget cell, then moves
 the bits slider and changes the granularity dropdown, and checks that the SQNR label and the figure change
-as they should. Screenshots land in ``test-artifacts/``: one on success (``browser_success.png``), one on
-failure (``browser_failure.png``).
+as they should; then an impossible combination (NF4 per tensor) must blank the numbers, and the scale
+dtype control must change the bits per weight. Screenshots land in ``test-artifacts/``: one on success
+(``browser_success.png``), one on failure (``browser_failure.png``).
 """
 
 from __future__ import annotations
@@ -209,6 +210,22 @@ def test_error_histogram_explorer_in_jupyterlab(lab):
             sqnr_tensor = _sqnr(page)
             assert sqnr_tensor < sqnr_6bit, (sqnr_6bit, sqnr_tensor)
             expect(figure).not_to_have_attribute("src", src_6bit, timeout=30_000)
+
+            # an impossible combination (NF4 per tensor) says why and leaves no stale numbers on screen
+            page.locator(".qlab-control-method select").select_option("NF4")
+            expect(page.locator(".qlab-status")).to_contain_text("NF4 scales blocks", timeout=30_000)
+            expect(page.locator(".qlab-sqnr")).to_have_text("", timeout=30_000)
+            expect(page.locator(".qlab-bpw")).to_have_text("")
+            page.locator(".qlab-control-granularity select").select_option("group")
+            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 4.500", timeout=30_000)
+            expect(sqnr_label).to_contain_text("SQNR")
+
+            # the scale dtype counts: int6 asymmetric g64 with fp32 scales and zeros, then fp16
+            page.locator(".qlab-control-method select").select_option("RTN")
+            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+            page.locator(".qlab-control-scale-dtype select").select_option(label="fp16")
+            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.500", timeout=30_000)
+            expect(page.locator(".qlab-status")).to_contain_text("fp16 scales")
             # the status bar says Idle once the last update has run: the screenshot shows the final state
             expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "browser_success.png"), full_page=True)

@@ -6,6 +6,7 @@ lessons teach (not by calling the qlab functions the checks use).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,12 +92,28 @@ def test_check_model_memory_counts_tied_weights_once() -> None:
 
 
 def test_lesson01_bad_input() -> None:
-    with pytest.raises(TypeError, match="fmt"):
+    with pytest.raises(TypeError, match="fmt"):  # the lesson's own argument: an error
         lesson01.check_format_max("int8", 127, quiet=True)
-    with pytest.raises(TypeError, match="exponent"):
-        lesson01.check_fields(1.0, "fp16", 0, 15.0, 0, quiet=True)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="answer"):
-        lesson01.check_rounded(1.0, "fp16", "1.0", quiet=True)
+    # the learner's answers: a hint, never a traceback
+    half = lesson01.check_fields(1.0, "fp16", 0, 15.5, 0, quiet=True)
+    assert not half and "exponent" in half.message and "whole number" in half.message
+    text = lesson01.check_rounded(1.0, "fp16", "1.0", quiet=True)
+    assert not text and "must be a number" in text.message
+    placeholder = lesson01.check_format_max("fp16", ..., quiet=True)
+    assert not placeholder and "placeholder" in placeholder.message
+    many = lesson01.check_model_memory(nn.Linear(4, 4), "fp16", torch.ones(3), quiet=True)
+    assert not many and "single number" in many.message
+
+
+def test_check_fields_takes_tensors_and_numpy_ints() -> None:
+    # fields computed with torch or numpy arrive as tensors or numpy ints: no TypeError, same verdict
+    code = torch.tensor([-6.5], dtype=torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    s, e, m = code >> 15, (code >> 10) & 0x1F, code & 0x3FF  # one-element int64 tensors
+    assert lesson01.check_fields(-6.5, "fp16", s, e, m, quiet=True)
+    assert lesson01.check_fields(-6.5, "fp16", np.int64(1), np.int32(17), np.uint16(640), quiet=True)
+    assert lesson01.check_fields(-6.5, "fp16", 1, 17.0, torch.tensor(640.0), quiet=True)  # whole floats
+    wrong = lesson01.check_fields(-6.5, "fp16", s, e - 15, m, quiet=True)
+    assert not wrong and "bias" in wrong.message
 
 
 # ---------------------------------------------------------------------------------------------- lesson 02
@@ -132,8 +149,29 @@ def test_check_dequantize() -> None:
     bug = lesson02.check_dequantize(lambda q, s, z: q.float() * s + z, quiet=True)
     assert not bug and "zero-point is a code" in bug.message
     assert not lesson02.check_dequantize(lambda q, s, z: s * q.float(), quiet=True)
-    with pytest.raises(TypeError, match="fn"):
-        lesson02.check_dequantize(3, quiet=True)  # type: ignore[arg-type]
+    not_fn = lesson02.check_dequantize(3, quiet=True)  # type: ignore[arg-type]
+    assert not not_fn and "must be a function" in not_fn.message
+    raises = lesson02.check_dequantize(lambda q, s, z: q.foo(), quiet=True)  # the learner's code raises
+    assert not raises and "raised AttributeError" in raises.message
+    assert not lesson02.check_dequantize(lambda q, s, z: None, quiet=True)  # an unfinished body
+
+
+def test_lesson02_malformed_answers_get_hints() -> None:
+    x = _x()
+    for result in (
+        lesson02.check_scale_zero(x, ..., ..., quiet=True),
+        lesson02.check_scale_zero(x, "0.01", 3, quiet=True),
+        lesson02.check_symmetric_codes(x, [1, 2, 3], quiet=True),  # type: ignore[arg-type]
+        lesson02.check_symmetric_codes(x, ..., quiet=True),  # type: ignore[arg-type]
+    ):
+        assert not result and result.message.startswith("❌")
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / 255
+    # numpy and tensor numbers are fine
+    assert lesson02.check_scale_zero(x, np.float32(scale), np.int64(round(-lo / scale)), quiet=True)
+    assert lesson02.check_scale_zero(
+        x, torch.tensor(scale), torch.tensor(float(round(-lo / scale))), quiet=True
+    )
 
 
 def test_check_error_bound() -> None:
@@ -141,8 +179,8 @@ def test_check_error_bound() -> None:
     scale = x.abs().max().item() / 127
     assert lesson02.check_error_bound(x, scale / 2, quiet=True)
     assert not lesson02.check_error_bound(x, scale, quiet=True)
-    with pytest.raises(TypeError, match="bound"):
-        lesson02.check_error_bound(x, "0.1", quiet=True)
+    text = lesson02.check_error_bound(x, "0.1", quiet=True)
+    assert not text and "bound" in text.message
 
 
 # ---------------------------------------------------------------------------------------------- lesson 03
@@ -153,6 +191,11 @@ def test_check_block_size() -> None:
     assert lesson03.check_block_size(QuantSpec.per_group(4, 32), shape, (1, 32), quiet=True)
     assert not lesson03.check_block_size(QuantSpec.per_channel(8), shape, (1536, 1), quiet=True)  # columns
     assert not lesson03.check_block_size(QuantSpec.per_group(4, 32), shape, (32,), quiet=True)
+    assert lesson03.check_block_size(QuantSpec.per_group(4, 32), shape, [np.int64(1), 32], quiet=True)
+    assert lesson03.check_block_size(QuantSpec.per_group(4, 32), shape, torch.tensor([1, 32]), quiet=True)
+    for malformed in (32, ..., (1, "32"), (1, 32.5)):
+        result = lesson03.check_block_size(QuantSpec.per_group(4, 32), shape, malformed, quiet=True)
+        assert not result and result.message.startswith("❌")
 
 
 @pytest.mark.parametrize(
@@ -167,6 +210,10 @@ def test_check_block_size() -> None:
 def test_check_bits_per_weight(spec: QuantSpec, right: float, wrong: float) -> None:
     assert lesson03.check_bits_per_weight(spec, (1536, 384), right, quiet=True)
     assert not lesson03.check_bits_per_weight(spec, (1536, 384), wrong, quiet=True)
+    assert lesson03.check_bits_per_weight(
+        spec, (1536, 384), torch.tensor(right, dtype=torch.float64), quiet=True
+    )
+    assert not lesson03.check_bits_per_weight(spec, (1536, 384), "4.25", quiet=True)
 
 
 def _group_sqnr(w: torch.Tensor, bits: int, g: int) -> float:
@@ -193,6 +240,14 @@ def test_check_group_size() -> None:
     assert not too_small and "larger group" in too_small.message
     assert not lesson03.check_group_size(w, 4, target, 256, quiet=True)
     assert not lesson03.check_group_size(w, 4, target, 100, quiet=True)
+    # a group size found by a torch or numpy search arrives as a tensor or numpy int: no TypeError
+    assert lesson03.check_group_size(w, 4, target, torch.tensor(right), quiet=True)
+    assert lesson03.check_group_size(w, 4, target, np.int64(right), quiet=True)
+    assert lesson03.check_group_size(w, 4, target, float(right), quiet=True)
+    assert not lesson03.check_group_size(w, 4, target, np.int64(8), quiet=True)
+    for malformed in (..., "32", torch.tensor([right, 8]), right + 0.5):
+        result = lesson03.check_group_size(w, 4, target, malformed, quiet=True)
+        assert not result and result.message.startswith("❌")
     with pytest.raises(ValueError, match="target"):
         lesson03.check_group_size(w, 2, 60.0, 8, quiet=True)
 

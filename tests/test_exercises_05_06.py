@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import pytest
+import numpy as np
 import torch
 
 from qlab.exercises.lesson05 import check_group_scales, check_nf4_bits_per_weight, check_pack_4bit
@@ -21,14 +21,19 @@ def test_group_scales() -> None:
     assert not check_group_scales(w, 16, (hi - lo) / 16, zero, quiet=True)  # 16 steps instead of 15
     assert not check_group_scales(w, 16, scale, -lo / scale, quiet=True)  # zero not rounded
     assert not check_group_scales(w, 16, scale.flatten(), zero.flatten(), quiet=True)  # wrong shape
-    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
-        check_group_scales(w, 16, 0.1, zero, quiet=True)  # type: ignore[arg-type]
+    not_tensor = check_group_scales(w, 16, 0.1, zero, quiet=True)  # type: ignore[arg-type]
+    assert not not_tensor and "scale must be a torch.Tensor" in not_tensor.message
+    assert not check_group_scales(w, 16, ..., ..., quiet=True)  # type: ignore[arg-type]
 
 
 def test_pack_4bit() -> None:
     assert check_pack_4bit(lambda c: (c[..., 1::2] << 4) | c[..., 0::2], quiet=True)
     assert not check_pack_4bit(lambda c: (c[..., 0::2] << 4) | c[..., 1::2], quiet=True)  # nibbles swapped
     assert not check_pack_4bit(lambda c: c, quiet=True)  # not packed
+    assert not check_pack_4bit(lambda c: (c[..., 1::2] << 4) + c[..., 0::2].float(), quiet=True)  # floats
+    raises = check_pack_4bit(lambda c: c.reshape(-1, 3), quiet=True)  # the learner's code raises
+    assert not raises and "raised RuntimeError" in raises.message
+    assert not check_pack_4bit(..., quiet=True)  # type: ignore[arg-type]
 
 
 def test_nf4_bits_per_weight() -> None:
@@ -39,6 +44,9 @@ def test_nf4_bits_per_weight() -> None:
     assert check_nf4_bits_per_weight((1536, 576), 64, False, 4.5, quiet=True)
     assert not check_nf4_bits_per_weight((1536, 576), 64, True, 4.5, quiet=True)  # no double quant
     assert not check_nf4_bits_per_weight((1536, 576), 64, True, 4.0, quiet=True)  # codes only
+    assert check_nf4_bits_per_weight((1536, 576), 64, False, np.float64(4.5), quiet=True)
+    text = check_nf4_bits_per_weight((1536, 576), 64, True, "4.127", quiet=True)  # type: ignore[arg-type]
+    assert not text and "must be a number" in text.message
 
 
 def test_two_bit_levels() -> None:

@@ -169,8 +169,12 @@ def test_recommend_rules(hardware, bits, calib, finetune, method, group):
 def test_recommend_memory_and_fit():
     rec = recommend("consumer_gpu", 8, False, False, model="Llama-3-70B")
     assert not rec.fits and rec.memory_limit == 24 * 10**9
-    assert "exceed" in rec.reasons[-1]
+    assert "exceed" in rec.reasons[-1] and "fewer bits" in rec.reasons[-1]  # 8 -> 4 bits would help
     assert "does NOT fit" in rec.summary()
+    # at 2 bits, the fewest the picker offers, "pick fewer bits" would be advice the learner cannot follow
+    floor = recommend("consumer_gpu", 2, True, False, model="Llama-3-70B")
+    assert not floor.fits
+    assert "fewer bits" not in floor.reasons[-1] and "smaller model or more memory" in floor.reasons[-1]
     small = recommend("consumer_gpu", 4, True, False, model="Llama-3-8B", memory_bytes=8 * 10**9)
     assert small.fits and "fits in 8.00 GB" in small.summary()
     assert small.memory.total == math.ceil(estimate_memory("Llama-3-8B", "int4 asym g128").total)

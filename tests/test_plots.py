@@ -178,14 +178,54 @@ def test_plot_error_histogram_structure_and_annotation():
     ax_w, ax_e = fig.axes
     assert ax_w.get_xlabel() == "weight value" and ax_e.get_xlabel().startswith("error")
     assert len(ax_w.patches) == 120 and len(ax_e.patches) == 120  # histogram bars
-    assert len(ax_w.lines) == 16  # one red line per int4 level
-    assert "16 levels" in ax_w.get_title()
+    # one red line per int4 level of a typical block, and one dashed line per level of the max block
+    assert len(ax_w.lines) == 32
+    red = [ln for ln in ax_w.lines if ln.get_linestyle() == "-"]
+    assert len(red) == 16 and "16 levels" in ax_w.get_title()
     note = "\n".join(t.get_text() for t in ax_e.texts)
     for text in error_stats(x, qt).labels().values():
         assert text in note
     assert fig._suptitle is not None and fig._suptitle.get_text() == "int4 g64"
     # the histogram counts every weight
     assert sum(p.get_height() for p in ax_w.patches) == x.numel()
+
+
+def test_quantization_grid_median_block_is_a_typical_one():
+    x = _weights() * 0.1
+    x[5, 70] = 3.0
+    qt = quantize(x, QuantSpec.per_group(4, 64, symmetric=True))
+    typical, where = quantization_grid(x, qt, which="median")
+    assert "median" in where
+    step = (typical[1] - typical[0]).item()
+    assert step == pytest.approx(qt.scales().median().item(), rel=0.05)  # near the median step...
+    outlier, _ = quantization_grid(x, qt)
+    assert (outlier[1] - outlier[0]).item() > 5 * step  # ...far finer than the outlier block's
+    with pytest.raises(ValueError, match="which"):
+        quantization_grid(x, qt, which="min")
+
+
+def _red_step(fig) -> float:
+    red = sorted(ln.get_xdata()[0] for ln in fig.axes[0].lines if ln.get_linestyle() == "-")
+    return red[1] - red[0]
+
+
+def test_plot_error_histogram_changes_with_group_size_around_an_outlier():
+    # lesson 03: with one outlier, g64 and g16 must not draw the same picture (the outlier's block grid)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05
+    x[10, 100] = 8.0
+    figs = {g: plot_error_histogram(x, quantize(x, QuantSpec.per_group(4, g))) for g in (16, 64, 256)}
+    steps = {g: _red_step(f) for g, f in figs.items()}
+    assert steps[16] < steps[64] < steps[256]  # a typical block's grid tightens as groups shrink
+    ax = figs[64].axes[0]
+    lo, hi = ax.get_xlim()
+    assert hi < 1.0  # zoomed on the bulk, not stretched to the outlier at 8
+    beyond = int(((x < lo) | (x > hi)).sum())
+    assert 1 <= beyond <= 0.002 * x.numel() and f"{beyond} weights beyond" in ax.get_title()
+    assert sum(p.get_height() for p in ax.patches) == x.numel()  # still counts every weight
+    per_tensor = plot_error_histogram(x, quantize(x, QuantSpec.per_tensor(4)))
+    assert all(ln.get_linestyle() == "-" for ln in per_tensor.axes[0].lines)  # one block, one grid
+    for f in (*figs.values(), per_tensor):
+        plt.close(f)
 
 
 def test_plot_error_histogram_with_plain_reconstruction_has_no_grid():
@@ -231,6 +271,18 @@ def test_plot_memory_stacks_parts_and_labels_totals():
     assert ticks["bf16"] > ticks["int4 g128"]  # the first row is drawn on top
     assert any(line.get_xdata()[0] == 12.0 for line in ax.lines)  # the GPU line, in GB
     assert ax.get_title() == "demo"
+
+
+def test_plot_memory_keeps_a_small_models_bars_wide():
+    # a 135M model against a 24 GB GPU: the line would squash every bar; the axis stays on the bars (in MB)
+    rows = [{"label": "fp32", "weight_bytes": 538 * 10**6}, {"label": "int4", "weight_bytes": 70 * 10**6}]
+    fig = plot_memory(rows, gpu_bytes=24 * 10**9)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("MB")
+    assert max(p.get_width() for p in ax.patches) == pytest.approx(538.0)
+    assert ax.get_xlim()[1] < 538 * 1.5  # the largest bar spans most of the axis
+    assert not ax.lines and any("off this scale" in t for t in _texts(fig))
+    plt.close(fig)
 
 
 def test_plot_memory_bad_rows():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("ipywidgets")
+ipywidgets = pytest.importorskip("ipywidgets")
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,8 +15,8 @@ from qlab.codebooks import quantize_nf4  # noqa: E402
 from qlab.picker import Recommendation, estimate_memory  # noqa: E402
 from qlab.plots import error_stats  # noqa: E402
 from qlab.quantize import QuantSpec, quantize  # noqa: E402
-from qlab.widgets import _parse_count as parse_count  # noqa: E402
 from qlab.widgets import (  # noqa: E402
+    LIVE_NOTE,
     available_methods,
     bit_layout_explorer,
     default_tensors,
@@ -28,6 +28,7 @@ from qlab.widgets import (  # noqa: E402
     output_sqnr,
     reconstruct,
 )
+from qlab.widgets import _parse_count as parse_count  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,11 @@ def test_error_histogram_explorer_labels_follow_the_controls():
     c["method"].value = "NF4"
     assert c["bits"].disabled
     assert "NF4 scales blocks" in labels["status"].value  # impossible combination explained...
-    assert _plain(labels["bits_per_weight"]) == "bits per weight 8.000"  # ...and the last result kept
+    # ...and nothing stale left on screen: no numbers, no picture of the previous setting
+    assert all(_plain(labels[k]) == "" for k in ("sqnr", "max_error", "bits_per_weight"))
+    assert bytes(box.image.value) == b""
+    c["bits"].value = 3  # still impossible after a further change: still blank
+    assert _plain(labels["sqnr"]) == "" and bytes(box.image.value) == b""
     c["granularity"].value = "group"
     assert _plain(labels["bits_per_weight"]) == "bits per weight 4.500"  # fp32 absmax per 64
     c["tensor"].value = "normal + outliers 256x512"
@@ -272,3 +277,49 @@ def test_reconstruct_undoes_awq_column_scales():
     assert grid_qt is None and bpw == pytest.approx(qt.bits_per_weight + 32 * 64 / x.numel())
     plain, same, plain_bpw = reconstruct(x, qt)
     assert same is qt and plain_bpw == qt.bits_per_weight and torch.equal(plain, qt.dequantize())
+
+
+def test_error_histogram_explorer_counts_the_scale_dtype_it_shows():
+    # lesson 03 counts fp16 scales and zeros: the explorer started with scale_dtype=fp16 must agree with
+    # QuantizedTensor.bits_per_weight of the same spec (int4 asym g128: 4 + 32/128 = 4.25, not fp32's 4.5)
+    w = {"w": torch.randn(64, 1536, generator=torch.Generator().manual_seed(0))}
+    box = error_histogram_explorer(w, scale_dtype=torch.float16)
+    c, labels = box.controls, box.labels
+    c["group_size"].value = 128
+    assert _plain(labels["bits_per_weight"]) == "bits per weight 4.250"
+    assert "fp16 scales" in labels["status"].value
+    c["group_size"].value = 16
+    assert _plain(labels["bits_per_weight"]) == "bits per weight 6.000"
+    c["granularity"].value = "channel"
+    ref = quantize(w["w"], QuantSpec.per_channel(4, symmetric=False, scale_dtype=torch.float16))
+    assert _plain(labels["bits_per_weight"]) == f"bits per weight {ref.bits_per_weight:.3f}"
+    c["scale_dtype"].value = torch.float32  # the control switches the count back
+    assert _plain(labels["bits_per_weight"]) == f"bits per weight {4 + 64 / 1536:.3f}"
+    assert "fp32 scales" in labels["status"].value
+    fig = error_histogram_explorer(w, scale_dtype=torch.float16, static=True)
+    assert "fp16 scales" in fig._suptitle.get_text()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        error_histogram_explorer(w, scale_dtype=torch.int8)
+
+
+def test_error_histogram_explorer_blanks_hqq_symmetric_then_recovers():
+    pytest.importorskip("qlab.methods.hqq")
+    box = error_histogram_explorer({"w": torch.randn(32, 128, generator=torch.Generator().manual_seed(1))})
+    c, labels = box.controls, box.labels
+    c["method"].value = "HQQ"
+    assert _plain(labels["sqnr"]).startswith("SQNR")
+    c["symmetric"].value = True  # HQQ optimizes the zero-point: impossible
+    assert "asymmetric" in labels["status"].value
+    assert _plain(labels["sqnr"]) == "" and bytes(box.image.value) == b""
+    c["symmetric"].value = False
+    assert _plain(labels["sqnr"]).startswith("SQNR") and bytes(box.image.value).startswith(b"\x89PNG")
+
+
+def test_live_widgets_show_one_line_of_plain_text():
+    # GitHub and viewers without a kernel show text/plain: a one-line note, never `VBox(children=(...`
+    for box in (bit_layout_explorer(0.1), error_histogram_explorer(), memory_calculator(), method_picker()):
+        bundle = box._repr_mimebundle_()
+        assert bundle["text/plain"] == LIVE_NOTE
+        assert "application/vnd.jupyter.widget-view+json" in bundle
+        assert isinstance(box, ipywidgets.VBox)

@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from qlab.exercises import CheckResult, as_number, report
+from qlab.exercises import CheckResult, answer_check, as_int, as_number, report
 from qlab.formats import FloatFormat, bits_of, get_format, model_bytes, round_to
 
 
@@ -21,17 +21,20 @@ def _float_format(fmt: FloatFormat | str) -> FloatFormat:
     return f
 
 
+@answer_check("fields")
 def check_fields(
     value: float, fmt: FloatFormat | str, sign: int, exponent: int, mantissa: int, *, quiet: bool = False
 ) -> CheckResult:
     """Exercise 1: the sign, (biased) exponent and mantissa fields of ``value`` stored in ``fmt``.
 
-    ``value = (-1)^s * 2^(e - bias) * (1 + m / 2^M)``; compared with :func:`qlab.formats.bits_of`.
+    ``value = (-1)^s * 2^(e - bias) * (1 + m / 2^M)``; compared with :func:`qlab.formats.bits_of`. Each field
+    may be any whole number: a Python or numpy int, a whole float, or a one-element tensor.
     """
     f = _float_format(fmt)
-    for arg, v in (("sign", sign), ("exponent", exponent), ("mantissa", mantissa)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{arg} must be an int (the field read as an unsigned integer), got {v!r}")
+    sign, exponent, mantissa = (
+        as_int(v, f"{arg} (the field read as an unsigned integer)")
+        for arg, v in (("sign", sign), ("exponent", exponent), ("mantissa", mantissa))
+    )
     ref = bits_of(float(value), f)
     want = (int(ref.sign), int(ref.exponent), int(ref.mantissa))
     if sign != want[0]:
@@ -48,6 +51,7 @@ def check_fields(
     return report((sign, exponent, mantissa) == want, f"fields of {value:g} in {f.name}", hint, quiet=quiet)
 
 
+@answer_check("largest value")
 def check_format_max(fmt: FloatFormat | str, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 2: the largest finite value of ``fmt`` (exact)."""
     f = _float_format(fmt)
@@ -65,6 +69,7 @@ def check_format_max(fmt: FloatFormat | str, answer: object, *, quiet: bool = Fa
     return report(a == f.max, f"largest {f.name}", hint, quiet=quiet)
 
 
+@answer_check("rounded value")
 def check_rounded(x: float, fmt: FloatFormat | str, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 3: the value ``x`` becomes after a cast to ``fmt`` (exact, as ``torch`` casts)."""
     f = _float_format(fmt)
@@ -79,6 +84,7 @@ def check_rounded(x: float, fmt: FloatFormat | str, answer: object, *, quiet: bo
     return report(ok, f"{x:g} cast to {f.name}", hint, quiet=quiet)
 
 
+@answer_check("model memory")
 def check_model_memory(
     model: nn.Module, fmt: FloatFormat | str, answer: object, *, quiet: bool = False
 ) -> CheckResult:

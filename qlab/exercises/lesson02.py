@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from qlab.exercises import CheckResult, as_number, report
+from qlab.exercises import CheckResult, answer_check, as_function, as_number, as_tensor, call_answer, report
 from qlab.quantize import QuantSpec, compute_scale_zero, quantize
 
 
+@answer_check("scale and zero-point")
 def check_scale_zero(x: torch.Tensor, scale: object, zero: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 1: the asymmetric uint8 per-tensor ``scale`` and ``zero`` of ``x``.
 
@@ -38,13 +39,13 @@ def check_scale_zero(x: torch.Tensor, scale: object, zero: object, *, quiet: boo
     return report(s_ok and z_ok, "scale and zero-point", hint, quiet=quiet)
 
 
+@answer_check("symmetric codes")
 def check_symmetric_codes(x: torch.Tensor, codes: torch.Tensor, *, quiet: bool = False) -> CheckResult:
     """Exercise 2: int8 symmetric per-tensor codes of ``x`` (restricted range [-127, 127]).
 
     Compared with ``qlab.quantize.quantize(x, QuantSpec.per_tensor(8))`` by value (any integer dtype).
     """
-    if not isinstance(codes, torch.Tensor):
-        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    codes = as_tensor(codes, "codes")
     ref = quantize(x, QuantSpec.per_tensor(bits=8, symmetric=True)).codes
     if codes.shape != ref.shape:
         return report(
@@ -64,6 +65,7 @@ def check_symmetric_codes(x: torch.Tensor, codes: torch.Tensor, *, quiet: bool =
     return report(ok, "symmetric codes", hint, quiet=quiet)
 
 
+@answer_check("dequantize")
 def check_dequantize(
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], *, quiet: bool = False
 ) -> CheckResult:
@@ -72,15 +74,14 @@ def check_dequantize(
     Tried on asymmetric uint8 codes of a few tensors (including a nonzero zero-point, where the common
     ``q * scale + zero`` bug shows).
     """
-    if not callable(fn):
-        raise TypeError(f"fn must be a function fn(q, scale, zero), got {type(fn).__name__}")
+    fn = as_function(fn, "dequantize", "(q, scale, zero) -> floats")
     gen = torch.Generator().manual_seed(0)
     cases = [torch.randn(64, generator=gen) * 0.1 + 0.3, torch.rand(64, generator=gen) * 2.0 - 0.5]
     ok = True
     for x in cases:
         qt = quantize(x, QuantSpec.per_tensor(bits=8, symmetric=False))
         assert qt.zero is not None
-        got = fn(qt.codes, qt.scale, qt.zero)
+        got = call_answer(fn, "dequantize", qt.codes.clone(), qt.scale.clone(), qt.zero.clone())
         if not isinstance(got, torch.Tensor) or got.shape != x.shape:
             ok = False
             break
@@ -94,6 +95,7 @@ def check_dequantize(
     return report(ok, "dequantize", hint, quiet=quiet)
 
 
+@answer_check("error bound")
 def check_error_bound(x: torch.Tensor, bound: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 4: the largest possible rounding error of int8 symmetric per-tensor quantization of ``x``.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import AnswerError, CheckResult, answer_check, as_int, as_number, report
 from qlab.metrics import sqnr
 from qlab.quantize import QuantSpec, quantize
 
@@ -19,16 +19,18 @@ def _check_spec(spec: object) -> QuantSpec:
     return spec
 
 
+@answer_check("block size")
 def check_block_size(
     spec: QuantSpec, shape: tuple[int, ...], answer: tuple[int, ...], *, quiet: bool = False
 ) -> CheckResult:
     """Exercise 1: the ``block_size`` (elements of each dim sharing one scale) of ``spec`` for ``shape``."""
     spec = _check_spec(spec)
     ref = spec.block_size(tuple(shape))
-    try:
-        got = tuple(int(n) for n in answer)
-    except TypeError as err:
-        raise TypeError(f"answer must be a tuple of ints, got {answer!r}") from err
+    if isinstance(answer, torch.Tensor):
+        answer = answer.tolist()
+    if not isinstance(answer, (tuple, list, torch.Size)):
+        raise AnswerError(f"give a tuple of ints, one per dimension, such as (1, 8); got {answer!r}.")
+    got = tuple(as_int(n, "each entry of the block size") for n in answer)
     hint = (
         "a block spans the elements that share one scale: all of them for per-tensor, one whole row "
         "(1 along axis 0) for per-channel, and group_size consecutive inputs of one row for per-group."
@@ -36,6 +38,7 @@ def check_block_size(
     return report(got == ref, f"block size of {spec.describe()} for {tuple(shape)}", hint, quiet=quiet)
 
 
+@answer_check("bits per weight")
 def check_bits_per_weight(
     spec: QuantSpec, shape: tuple[int, ...], answer: object, *, quiet: bool = False
 ) -> CheckResult:
@@ -44,11 +47,10 @@ def check_bits_per_weight(
     Compared with ``QuantizedTensor.bits_per_weight``: packed codes plus every stored scale and zero.
     """
     spec = _check_spec(spec)
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        raise TypeError(f"answer must be a number of bits, got {type(answer).__name__}")
+    a = as_number(answer, "answer (bits per weight)")
     w = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0))
     ref = quantize(w, spec).bits_per_weight
-    ok = abs(float(answer) - ref) <= 1e-6
+    ok = abs(a - ref) <= 1e-6
     hint = (
         f"start from {spec.bits} bits per code, then share out the metadata: each block stores a scale "
         f"({torch.finfo(spec.scale_dtype).bits} bits)"
@@ -73,16 +75,18 @@ def largest_group_reaching(w: torch.Tensor, bits: int, target_db: float) -> int 
     return best
 
 
+@answer_check("group size")
 def check_group_size(
     w: torch.Tensor, bits: int, target_db: float, answer: object, *, quiet: bool = False
 ) -> CheckResult:
     """Exercise 3: the largest power-of-two group size (>= 8) whose asymmetric ``bits``-bit quantization
-    of ``w`` still reaches an SQNR of ``target_db`` dB: the cheapest scheme that is good enough."""
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        raise TypeError(f"answer must be an int group size, got {answer!r}")
+    of ``w`` still reaches an SQNR of ``target_db`` dB: the cheapest scheme that is good enough.
+
+    The answer may be a Python or numpy int, a whole float or a one-element tensor."""
     ref = largest_group_reaching(w, bits, target_db)
     if ref is None:
         raise ValueError(f"no group size reaches {target_db} dB at {bits} bits; pick a lower target")
+    answer = as_int(answer, "answer (a group size)")
     if answer not in candidate_group_sizes(w.shape[-1]):
         hint = f"try powers of two from 8 that divide the row length {w.shape[-1]}."
     elif answer < ref:

@@ -11,11 +11,12 @@ from collections.abc import Callable
 import torch
 
 from qlab.codebooks import quantize_nf4
-from qlab.exercises import CheckResult, report
+from qlab.exercises import CheckResult, answer_check, as_function, as_number, as_tensor, call_answer, report
 from qlab.packing import pack
 from qlab.quantize import QuantSpec, compute_scale_zero
 
 
+@answer_check("group-wise int4 scales")
 def check_group_scales(
     w: torch.Tensor, group_size: int, scale: torch.Tensor, zero: torch.Tensor, *, quiet: bool = False
 ) -> CheckResult:
@@ -23,9 +24,7 @@ def check_group_scales(
 
     Expected shapes ``[rows, cols // group_size]``; scales to a relative 1e-5, zeros exactly.
     """
-    for name, t in (("scale", scale), ("zero", zero)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    scale, zero = as_tensor(scale, "scale"), as_tensor(zero, "zero")
     ref_s, ref_z = compute_scale_zero(w, QuantSpec.per_group(4, group_size))
     assert ref_z is not None
     if tuple(scale.shape) != tuple(ref_s.shape) or tuple(zero.shape) != tuple(ref_z.shape):
@@ -44,20 +43,25 @@ def check_group_scales(
     return report(s_ok and z_ok, "group-wise int4 scales", hint, quiet=quiet)
 
 
+@answer_check("pack two 4-bit codes per byte")
 def check_pack_4bit(fn: Callable[[torch.Tensor], torch.Tensor], *, quiet: bool = False) -> CheckResult:
     """Exercise 2: ``fn(codes)`` packs uint8 4-bit codes ``[..., n]`` (n even) into bytes ``[..., n/2]``.
 
     qlab's layout: the first code of each pair in the low nibble, ``byte = c[2i+1] << 4 | c[2i]``.
     Tried on several random tensors against :func:`qlab.packing.pack`.
     """
+    fn = as_function(fn, "pack4", "(codes) -> packed bytes")
     gen = torch.Generator().manual_seed(5)
     for shape in ((2,), (3, 8), (2, 4, 16)):
         codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
-        got = fn(codes.clone())
+        got = call_answer(fn, "pack4", codes.clone())
         ref = pack(codes, 4)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
             shape_got = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             hint = f"two codes per byte: codes of shape {shape} pack to {tuple(ref.shape)}, got {shape_got}"
+            return report(False, "pack two 4-bit codes per byte", hint, quiet=quiet)
+        if got.dtype != torch.uint8:
+            hint = f"packed codes are bytes: return a torch.uint8 tensor, got {got.dtype}"
             return report(False, "pack two 4-bit codes per byte", hint, quiet=quiet)
         if not torch.equal(got.to(torch.int64), ref.to(torch.int64)):
             hint = (
@@ -68,6 +72,7 @@ def check_pack_4bit(fn: Callable[[torch.Tensor], torch.Tensor], *, quiet: bool =
     return report(True, "pack two 4-bit codes per byte", "", quiet=quiet)
 
 
+@answer_check("NF4 bits per weight")
 def check_nf4_bits_per_weight(
     shape: tuple[int, int], block_size: int, double_quant: bool, answer: float, *, quiet: bool = False
 ) -> CheckResult:
@@ -75,11 +80,10 @@ def check_nf4_bits_per_weight(
 
     Compared with ``quantize_nf4(...).bits_per_weight`` to a relative 1e-6.
     """
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        raise TypeError(f"answer must be a number, got {type(answer).__name__}")
+    a = as_number(answer, "answer (bits per weight)")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     ref = quantize_nf4(w, block_size, double_quant=double_quant).bits_per_weight
-    ok = abs(answer - ref) <= 1e-6 * ref
+    ok = abs(a - ref) <= 1e-6 * ref
     if double_quant:
         hint = (
             "4 bits per code + one int8 scale per block + per 256 scales one fp32 scale-of-scales "

@@ -15,12 +15,13 @@ from collections.abc import Callable
 
 import torch
 
-from qlab.exercises import CheckResult, as_number, report
+from qlab.exercises import CheckResult, answer_check, as_function, as_number, call_answer, report
 from qlab.kernels.cpu import split_activations
 from qlab.kernels.roofline import Accelerator, linear_bytes, linear_flops
 from qlab.packing import pack_int32, unpack_int32
 
 
+@answer_check("unpack")
 def check_unpack(unpack: Callable[[torch.Tensor, int], torch.Tensor], *, quiet: bool = False) -> CheckResult:
     """Exercise 1: ``unpack(words, bits) -> codes``, codes ``[rows, words * (32 // bits)]``.
 
@@ -28,15 +29,14 @@ def check_unpack(unpack: Callable[[torch.Tensor, int], torch.Tensor], *, quiet: 
     ``[bits*j, bits*(j+1))``. Tried for bits 2, 4 and 8 on words whose top bit is set (negative
     int32), against :func:`qlab.packing.unpack_int32`; compared by value, any integer dtype.
     """
-    if not callable(unpack):
-        raise TypeError(f"unpack must be a function (words, bits) -> codes, got {type(unpack).__name__}")
+    unpack = as_function(unpack, "unpack", "(words, bits) -> codes")
     g = torch.Generator().manual_seed(7)
     for bits in (2, 4, 8):
         per = 32 // bits
         codes = torch.randint(0, 2**bits, (3, 4 * per), generator=g, dtype=torch.uint8)
         codes[:, per - 1] = 2**bits - 1  # every first word has its sign bit set
         words = pack_int32(codes, bits)
-        got = unpack(words.clone(), bits)
+        got = call_answer(unpack, "unpack", words.clone(), bits)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(codes.shape):
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             return report(
@@ -66,6 +66,7 @@ def decode_intensity(m: int, bits: float) -> float:
     return linear_flops(m, n, k) / linear_bytes(m, n, k, bits, act_bytes=0)
 
 
+@answer_check("arithmetic intensity")
 def check_decode_intensity(m: int, bits: float, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 2: FLOPs per byte of weight read for ``M`` rows of activations and ``bits``-bit weights.
 
@@ -89,6 +90,7 @@ def ridge_batch(acc: Accelerator, bits: float) -> float:
     return acc.ridge * bits / 16
 
 
+@answer_check("ridge batch size")
 def check_ridge_batch(acc: Accelerator, bits: float, answer: object, *, quiet: bool = False) -> CheckResult:
     """Exercise 3: the batch ``M`` (a real number) where ``bits``-bit weights make the layer compute-bound.
 
@@ -108,6 +110,7 @@ def check_ridge_batch(acc: Accelerator, bits: float, answer: object, *, quiet: b
     return report(ok, "ridge batch size", hint, quiet=quiet)
 
 
+@answer_check("split_planes")
 def check_split_planes(
     split: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, quiet: bool = False
 ) -> CheckResult:
@@ -117,13 +120,12 @@ def check_split_planes(
     ``q2`` equal as integers on at least 99.9% of the elements (a different but valid rounding of an
     exact tie may differ by one), and every element within ``sx / 508`` of ``x``.
     """
-    if not callable(split):
-        raise TypeError(f"split must be a function x -> (sx, q1, q2), got {type(split).__name__}")
+    split = as_function(split, "split_planes", "x -> (sx, q1, q2)")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 256, generator=g) * torch.tensor([[1.0], [0.01], [30.0], [1.0], [5.0], [0.2]])
     x[3, 17] = 40.0  # an outlier sets its row's scale
     ref_sx, ref_q1, ref_q2 = split_activations(x)
-    got = split(x.clone())
+    got = call_answer(split, "split_planes", x.clone())
     if not isinstance(got, tuple) or len(got) != 3 or not all(isinstance(t, torch.Tensor) for t in got):
         return report(False, "split_planes", "return a tuple of three tensors (sx, q1, q2).", quiet=quiet)
     sx, q1, q2 = got
