@@ -174,8 +174,8 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: 
 
 def bench_model(repeats: int) -> None:
     """SmolLM2 forward passes, fp32 vs quantized, timed round-robin so machine noise hits all alike."""
-    from qlab.models import load_smollm2
     from qlab.driver import quantize_model
+    from qlab.models import load_smollm2
 
     models: dict[str, nn.Module] = {}
     models["fp32"], _ = load_smollm2()
