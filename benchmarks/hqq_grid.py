@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="rtn,hqq")
     ap.add_argument("--scale-points", default="4:64,3:64,2:64", help="points that also run hqq+scale")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
+    ap.add_argument("--no-float", action="store_true", help="skip the float model's row")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                            "windows": args.windows, "rows": rows}, f, indent=1)  # fmt: skip
 
     with torch.no_grad():
-        emit({"method": "fp32", "bits": 32, "group": "-", "perplexity": round(ppl(), 3)})
+        if not args.no_float:
+            emit({"method": "fp32", "bits": 32, "group": "-", "perplexity": round(ppl(), 3)})
         jobs = [(p, m) for p in args.points.split(",") for m in args.methods.split(",")]
         jobs += [(p, "hqq+scale") for p in args.scale_points.split(",") if p]
         for point, method in jobs:
