@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=8, help="512-token evaluation windows")
     ap.add_argument("--json", help="also write the rows (quantizer, perplexity, seconds) here")
+    ap.add_argument("--only", help="comma-separated quantizers to run (default: all)")
     args = ap.parse_args(argv)
     spec = QuantSpec.per_group(args.bits, args.group_size)
 
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         print("(hqq package not installed: its row is left out)")
 
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(quantizers))
+        if unknown:
+            ap.error(f"--only: unknown quantizers {unknown}; choose from {sorted(quantizers)}")
+        quantizers = {k: v for k, v in quantizers.items() if k in wanted}
     print(f"SmolLM2-135M, int{args.bits} g{args.group_size}, {args.windows} x 512 evaluation tokens")
     print(f"{'quantizer':<20} {'perplexity':>12} {'seconds':>8}")
     rows = []
