@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-points", default="4:64,3:64,2:64", help="points that also run hqq+scale")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
     ap.add_argument("--no-float", action="store_true", help="skip the float model's row")
+    ap.add_argument("--no-ppl", action="store_true", help="weight and output errors only (no perplexity)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                            "windows": args.windows, "rows": rows}, f, indent=1)  # fmt: skip
 
     with torch.no_grad():
-        if not args.no_float:
+        if not args.no_float and not args.no_ppl:
             emit({"method": "fp32", "bits": 32, "group": "-", "perplexity": round(ppl(), 3)})
         jobs = [(p, m) for p in args.points.split(",") for m in args.methods.split(",")]
         jobs += [(p, "hqq+scale") for p in args.scale_points.split(",") if p]
@@ -100,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                 lp += d.abs().pow(0.7).sum().item()
                 err2 += d.pow(2).sum().item()
                 out_err2 += (inputs[n] @ d.T).pow(2).sum().item()
-                model.get_submodule(n).weight.copy_(w_hat)
+                if not args.no_ppl:
+                    model.get_submodule(n).weight.copy_(w_hat)
             cpu = time.process_time() - t0
             emit({
                 "method": method, "bits": bits, "group": group_s,
                 "lp_error": lp / n_weights,
                 "weight_sqnr_db": round(10 * math.log10(w_power / err2), 3),
                 "output_sqnr_db": round(10 * math.log10(out_power / out_err2), 3),
-                "perplexity": round(ppl(), 3),
+                "perplexity": None if args.no_ppl else round(ppl(), 3),
                 "quantize_cpu_seconds": round(cpu, 1),
             })  # fmt: skip
         for n in names:
