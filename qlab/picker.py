@@ -285,10 +285,13 @@ def recommend(
        whose tensor cores run it natively; with calibration data there, quantize activations too
        (SmoothQuant W8A8). Elsewhere int8 per-channel symmetric (torch's CPU int8 matmul takes this layout).
     3. 4 bits: with calibration data, AWQ (protect the salient channels) at group 128; without, HQQ
-       (data-free, optimizes scale and zero) at group 64. int4 groups run on torch's CPU int4 op and on GPU
-       kernels.
-    4. 3 or 2 bits: round-to-nearest collapses; GPTQ (error compensation from calibration data) or HQQ without
-       data, at group 64 so that each scale follows the weights closely.
+       (data-free, optimizes the zero-points) at group 64, the setting where it beat round-to-nearest in
+       perplexity on SmolLM2-135M (lesson 06; at g128/g144 it lost). int4 groups run on torch's CPU int4 op
+       and on GPU kernels.
+    4. 3 or 2 bits: with calibration data GPTQ (error compensation), at group 64. Without data, plain
+       round-to-nearest at group 64: on SmolLM2-135M HQQ's lower weight error gave a *higher* perplexity at
+       int3 g64 than RTN, and every data-free method collapsed at 2 bits (lesson 06), so the honest advice is
+       to find calibration data or use 4 bits.
     """
     _check_choice(hardware, "hardware", HARDWARE)
     _check_choice(target_bits, "target_bits", BITS_CHOICES)
@@ -341,7 +344,11 @@ def recommend(
             scheme = Scheme("int4 asym g64", 4, block=64, zero_bytes=2)
             settings = "HQQ int4 asymmetric, group 64"
             reasons.append(
-                "no calibration data: HQQ optimizes scales and zeros from the weights alone, in seconds"
+                "no calibration data: HQQ refits the zero-points from the weights alone, in seconds"
+            )
+            reasons.append(
+                "keep groups of 64: on SmolLM2-135M HQQ beat round-to-nearest at int4 g64 but lost at g128 "
+                "(lesson 06); check perplexity on your model"
             )
         if hardware == "cpu":
             reasons.append("grouped int4 runs on torch's CPU int4 matmul (bf16 activations)")
@@ -352,13 +359,17 @@ def recommend(
             cfg = QuantConfig(method="gptq", bits=target_bits, group_size=64, symmetric=False)
             settings = f"GPTQ int{target_bits} asymmetric, group 64"
             reasons.append("GPTQ uses calibration data to push each column's rounding error onto the next")
+            reasons.append(
+                f"round-to-nearest at {target_bits} bits loses too much; small groups track the weights"
+            )
         else:
-            cfg = QuantConfig(method="hqq", bits=target_bits, group_size=64, symmetric=False)
-            settings = f"HQQ int{target_bits} asymmetric, group 64"
-            reasons.append("no calibration data: HQQ is the data-free method that survives 2-3 bits")
-        reasons.append(
-            f"round-to-nearest at {target_bits} bits loses too much; small groups track the weights"
-        )
+            cfg = QuantConfig(method="rtn", bits=target_bits, group_size=64, symmetric=False)
+            settings = f"round-to-nearest int{target_bits} asymmetric, group 64"
+            reasons.append(
+                "no data-free method holds up here: on SmolLM2-135M HQQ lost to round-to-nearest at int3 g64 "
+                "and every data-free method collapsed at 2 bits (lesson 06)"
+            )
+            reasons.append("get calibration data (GPTQ, AWQ) or use 4 bits; small groups track the weights")
         scheme = SCHEMES[f"int{target_bits} asym g64"]
         if hardware == "cpu":
             reasons.append("no fast CPU kernel exists below 4 bits: expect memory savings, not speed")

@@ -64,7 +64,10 @@ def test_model_bytes_reference_passes_and_fp32_count_fails():
 def test_method_reference_passes_and_rtn_fails():
     # reference solutions (lesson 00)
     assert check_method("consumer_gpu", 4, True, False, "awq", quiet=True)
-    assert check_method("cpu", 2, False, False, " HQQ ", quiet=True)
+    assert check_method("cpu", 4, False, False, " HQQ ", quiet=True)
+    assert check_method("cpu", 2, False, False, " RTN ", quiet=True)  # lesson 06: no data-free method held up
+    low = check_method("cpu", 2, False, False, "hqq", quiet=True)
+    assert not low and "lesson 06" in low.message
     wrong = check_method("consumer_gpu", 4, True, False, "rtn", quiet=True)
     assert not wrong and "calibration data" in wrong.message
     qlora = check_method("consumer_gpu", 4, True, True, "awq", quiet=True)

@@ -53,6 +53,11 @@ def test_two_bit_levels() -> None:
     assert check_two_bit_levels(0.012, 1.4, 0.012 * (torch.arange(4) - 1.4), quiet=True)
     assert not check_two_bit_levels(0.012, 1.4, 0.012 * torch.arange(4), quiet=True)  # zero forgotten
     assert not check_two_bit_levels(0.012, 1.4, 0.012 * (torch.arange(3) - 1.4), quiet=True)
+    assert not check_two_bit_levels(0.012, 1.4, 0.012 * (torch.arange(4) + 1.4), quiet=True)  # sign of zero
+    # malformed answers get a hint, never a traceback
+    for bad in ([0.0, 0.1, 0.2, 0.3], ..., None, "levels"):
+        res = check_two_bit_levels(0.012, 1.4, bad, quiet=True)  # type: ignore[arg-type]
+        assert not res and "Hint" in res.message
 
 
 def test_hqq_zero_step() -> None:
@@ -65,6 +70,12 @@ def test_hqq_zero_step() -> None:
     assert not check_hqq_zero_step(g, s, z, z, quiet=True)  # no update
     unclamped = torch.round(g / s + z + 0.7)
     assert not check_hqq_zero_step(g, s, z, (unclamped.mean() - (g / s).mean()).item(), quiet=True)
+    assert check_hqq_zero_step(g, s, z, torch.tensor(right), quiet=True)
+    assert check_hqq_zero_step(g, s, z, np.float32(right), quiet=True)
+    assert not check_hqq_zero_step(g, s, z, (g / s).mean().item() - q.mean().item(), quiet=True)  # inverted
+    for bad in (..., "0.5", torch.zeros(3)):
+        res = check_hqq_zero_step(g, s, z, bad, quiet=True)  # type: ignore[arg-type]
+        assert not res and "Hint" in res.message
 
 
 def test_output_error() -> None:
@@ -75,3 +86,7 @@ def test_output_error() -> None:
     assert check_output_error(x, w, w_hat, right, quiet=True)
     assert not check_output_error(x, w, w_hat, (w - w_hat).pow(2).mean().item(), quiet=True)  # weight error
     assert not check_output_error(x, w, w_hat, (x @ (w - w_hat).T).pow(2).sum(1).mean().item(), quiet=True)
+    weight = check_output_error(x, w, w_hat, (w - w_hat).pow(2).mean().item(), quiet=True)
+    assert "proxy" in weight.message  # the weight error is named as such
+    res = check_output_error(x, w, w_hat, ..., quiet=True)  # type: ignore[arg-type]
+    assert not res and "placeholder" in res.message

@@ -147,7 +147,8 @@ def test_model_entry_skips_lm_head_and_counts_tied_weights_once():
         ("cpu", 4, True, False, "awq", 128),
         ("consumer_gpu", 4, False, False, "hqq", 64),
         ("consumer_gpu", 3, True, False, "gptq", 64),
-        ("cpu", 2, False, False, "hqq", 64),
+        ("cpu", 2, False, False, "rtn", 64),
+        ("consumer_gpu", 3, False, False, "rtn", 64),
         ("consumer_gpu", 4, True, True, "nf4", 64),
         ("datacenter_gpu", 2, False, True, "nf4", 64),
         ("cpu", 8, False, True, "rtn", None),
@@ -164,6 +165,16 @@ def test_recommend_rules(hardware, bits, calib, finetune, method, group):
     # the memory shown is that of the scheme the config describes
     assert rec.memory == estimate_memory("SmolLM2-135M", rec.scheme)
     assert rec.scheme.bits == expected_bits
+
+
+def test_recommend_data_free_reasons_follow_lesson_06():
+    # lesson 06's data: HQQ beat RTN only at int4 g64; below 4 bits no data-free method held up
+    four = recommend("cpu", 4, False, False, model="SmolLM2-135M")
+    assert four.method == "hqq" and any("g64" in r and "lost" in r for r in four.reasons)
+    for bits in (3, 2):
+        low = recommend("cpu", bits, False, False, model="SmolLM2-135M")
+        assert low.method == "rtn" and any("calibration data" in r for r in low.reasons)
+        assert not any("survives" in r for r in low.reasons)
 
 
 def test_recommend_memory_and_fit():

@@ -82,8 +82,10 @@ def check_method(
         hint = "at 8 bits plain rounding is nearly lossless; what does the hardware run natively?"
     elif calibration:
         hint = "with calibration data, pick the method that uses it (activation-aware or error-compensating)."
-    else:
+    elif target_bits >= 4:
         hint = "without calibration data only a data-free method can do better than plain rounding."
+    else:
+        hint = "below 4 bits without data, lesson 06 found no data-free method that beats plain rounding."
     name = "method choice"
     if given in accepted and given != want:
         name += f" ({given} uses the calibration data too; qlab's picker takes {want})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import AnswerError, CheckResult, answer_check, as_number, as_tensor, report
 from qlab.methods.hqq import hqq_zero_update
 
 
@@ -17,29 +17,31 @@ def _tensor(t: object, name: str) -> torch.Tensor:
     return t
 
 
+@answer_check("the four 2-bit levels")
 def check_two_bit_levels(
     scale: float, zero: float, levels: torch.Tensor, *, quiet: bool = False
 ) -> CheckResult:
     """Exercise 1: the 4 values a 2-bit asymmetric group with ``scale`` and ``zero`` can represent,
     in increasing order (to a relative 1e-5)."""
-    levels = _tensor(levels, "levels")
+    levels = as_tensor(levels, "levels")
+    if levels.numel() != 4:
+        raise AnswerError(f"2 bits give 4 codes, so 4 levels; got {levels.numel()} values.")
     ref = scale * (torch.arange(4, dtype=torch.float64) - zero)
     ok = levels.numel() == 4 and torch.allclose(levels.double().flatten(), ref, rtol=1e-5, atol=1e-12)
     hint = "dequantize every code: ŵ = scale * (q - zero) for q = 0, 1, 2, 3"
     return report(ok, "the four 2-bit levels", hint, quiet=quiet)
 
 
+@answer_check("one HQQ zero-point step")
 def check_hqq_zero_step(
     w: torch.Tensor, scale: float, zero: float, new_zero: object, *, quiet: bool = False
 ) -> CheckResult:
-    """Exercise 2: one HQQ zero-point update of a 2-bit group ``w`` (1-D), with β large enough that
-    the shrinkage keeps every error: ``z ← mean(q) - mean(w / s)`` with ``q = clamp(round(w/s + z), 0, 3)``.
-    Compared with qlab's HQQ step to a relative 1e-5."""
+    """Exercise 2: one HQQ zero-point update of a 2-bit group ``w`` (1-D) whose rounding errors all lie
+    below the shrinkage threshold (β small enough; a *smaller* β widens the threshold), so that the
+    shrinkage zeroes every error: ``z ← mean(q) - mean(w / s)`` with ``q = clamp(round(w/s + z), 0, 3)``.
+    Compared with :func:`qlab.methods.hqq.hqq_zero_update` (one step, β = 10) to a relative 1e-5."""
     w = _tensor(w, "w").float().reshape(1, -1)
-    if isinstance(new_zero, torch.Tensor):
-        new_zero = float(new_zero)
-    if isinstance(new_zero, bool) or not isinstance(new_zero, (int, float)):
-        raise TypeError(f"new_zero must be a number, got {type(new_zero).__name__}")
+    new_zero = as_number(new_zero, "new_zero")
     ref = float(hqq_zero_update(w, float(scale), float(zero), bits=2))
     ok = abs(new_zero - ref) <= 1e-5 * max(1.0, abs(ref))
     hint = (
@@ -49,17 +51,19 @@ def check_hqq_zero_step(
     return report(ok, "one HQQ zero-point step", hint, quiet=quiet)
 
 
+@answer_check("layer-output error")
 def check_output_error(
     x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, answer: object, *, quiet: bool = False
 ) -> CheckResult:
     """Exercise 3: the layer-output error GPTQ and AWQ minimize, ``mean over tokens and outputs of
     (x wᵀ - x ŵᵀ)²`` for inputs ``x`` [tokens, in] (to a relative 1e-4)."""
     x, w, w_hat = _tensor(x, "x"), _tensor(w, "w"), _tensor(w_hat, "w_hat")
-    if isinstance(answer, torch.Tensor):
-        answer = float(answer)
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        raise TypeError(f"answer must be a number, got {type(answer).__name__}")
+    answer = as_number(answer, "answer")
     ref = (x.double() @ (w.double() - w_hat.double()).T).pow(2).mean().item()
     ok = abs(answer - ref) <= 1e-4 * ref
-    hint = "run both layers on the same x (x @ w.T and x @ w_hat.T), subtract, square, average everything"
+    weight_err = (w.double() - w_hat.double()).pow(2).mean().item()
+    if abs(answer - weight_err) <= 1e-4 * weight_err:
+        hint = "that is the weight error, the proxy; run both layers on the inputs: x @ w.T and x @ w_hat.T"
+    else:
+        hint = "run both layers on the same x (x @ w.T and x @ w_hat.T), subtract, square, average everything"
     return report(ok, "layer-output error", hint, quiet=quiet)

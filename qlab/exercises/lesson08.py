@@ -6,13 +6,15 @@ Each check recomputes the answer and says right or wrong; a wrong answer gets a 
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from qlab.exercises import CheckResult, report
+from qlab.exercises import AnswerError, CheckResult, answer_check, as_function, call_answer, report
 
 
 def expected_model_bytes(n_linear: int, n_rest: int, bits: int, group_size: int) -> int:
@@ -58,32 +60,85 @@ def best_setting(table: Sequence[Mapping[str, Any]], budget_mb: float, metric: s
     return str(pick["setting"])
 
 
+def _pick_cases(table: Sequence[Mapping[str, Any]]) -> list[tuple[list[dict[str, Any]], float]]:
+    """Tables and budgets a picking function must get right: the lesson's table at budgets between and
+    around its sizes, the same rows shuffled, and a synthetic table where the smallest fit is not the best."""
+    rows = [dict(r) for r in table]
+    sizes = sorted(float(r["mb"]) for r in rows)
+    budgets = [s + 0.5 for s in sizes] + [s - 0.5 for s in sizes[1:]]
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    synthetic = [
+        {"setting": "a", "mb": 100.0, "perplexity": 30.0},
+        {"setting": "b", "mb": 120.0, "perplexity": 20.0},
+        {"setting": "c", "mb": 90.0, "perplexity": 90.0},
+        {"setting": "e", "mb": 140.0, "perplexity": 50.0},
+        {"setting": "d", "mb": 300.0, "perplexity": 10.0},
+    ]
+    cases = [(rows, b) for b in budgets] + [(shuffled, b) for b in budgets]
+    return cases + [(synthetic, b) for b in (95.0, 110.0, 150.0, 400.0)]
+
+
+@answer_check("pick the best setting for a budget")
 def check_best_setting(
-    table: Sequence[Mapping[str, Any]], budget_mb: float, answer: str, *, quiet: bool = False
+    table: Sequence[Mapping[str, Any]], pick: object, *, quiet: bool = False
 ) -> CheckResult:
-    """Exercise 2: the setting with the lowest perplexity among rows ``{"setting", "mb", "perplexity"}`` whose
-    ``mb`` fits ``budget_mb``."""
-    if not isinstance(answer, str):
-        raise TypeError(f"answer must be a setting name (str), got {type(answer).__name__}")
-    want = best_setting(table, budget_mb)
-    names = {str(r["setting"]) for r in table}
-    if answer == want:
-        hint = ""
-    elif answer not in names:
-        hint = f"answer with one of the settings in the table: {sorted(names)}."
-    elif next(r for r in table if r["setting"] == answer)["mb"] > budget_mb:
-        hint = "that one does not fit: its model MB is over the budget."
-    else:
-        hint = "it fits, but another setting that fits has a lower perplexity."
-    return report(answer == want, f"best setting for {budget_mb:g} MB", hint, quiet=quiet)
+    """Exercise 2: ``pick(table, budget_mb)`` returns the ``setting`` with the lowest perplexity among the
+    rows ``{"setting", "mb", "perplexity"}`` whose ``mb`` fits ``budget_mb``. Tried on the lesson's ``table``
+    at several budgets, on the same rows shuffled and on a synthetic table (not a single lookup)."""
+    fn = as_function(pick, "pick", "(table, budget_mb) -> setting name")
+    for rows, budget in _pick_cases(table):
+        want = best_setting(rows, budget)
+        got = call_answer(fn, "pick", [dict(r) for r in rows], budget)
+        if got == want:
+            continue
+        fits = {str(r["setting"]) for r in rows if r["mb"] <= budget}
+        if not isinstance(got, str):
+            hint = f"return the setting's name (a str), got {type(got).__name__} {got!r}."
+        elif got not in fits:
+            hint = (
+                f"for a budget of {budget:g} MB you picked {got!r}: it does not fit, or is not in the table."
+            )
+        else:
+            hint = (
+                f"for a budget of {budget:g} MB {got!r} fits, but another setting that fits has a lower "
+                "perplexity: keep the rows that fit, then take the lowest perplexity."
+            )
+        return report(False, "pick the best setting for a budget", hint, quiet=quiet)
+    return report(True, "pick the best setting for a budget", "", quiet=quiet)
 
 
-def check_round_trip(original: nn.Module, reloaded: nn.Module, *, quiet: bool = False) -> CheckResult:
-    """Exercise 3: ``reloaded`` holds exactly ``original``'s tensors (same names, dtypes, bytes)."""
+@answer_check("save/reload round trip")
+def check_round_trip(
+    original: nn.Module, reloaded: nn.Module, path: object, *, quiet: bool = False
+) -> CheckResult:
+    """Exercise 3: ``original`` was saved to ``path`` and ``reloaded`` was loaded from it into new memory.
+
+    The file must exist and hold exactly ``original``'s tensors; ``reloaded`` must be a different module
+    whose tensors are equal (names, dtypes, bytes) but share no memory with ``original``'s."""
+    from safetensors.torch import load_file
+
     for name, m in (("original", original), ("reloaded", reloaded)):
         if not isinstance(m, nn.Module):
-            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+            raise AnswerError(f"{name} must be an nn.Module, got {type(m).__name__}.")
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise AnswerError(f"pass the path of the file you saved (save_quantized's output), got {path!r}.")
+    if reloaded is original:
+        raise AnswerError(
+            "that is the same module twice: load the file into a new module with load_quantized."
+        )
     a, b = original.state_dict(), reloaded.state_dict()
+    try:
+        saved = load_file(os.fspath(path))
+    except Exception as err:  # noqa: BLE001 - a wrong file is a hint, not a traceback
+        raise AnswerError(
+            f"{path!r} is not a safetensors file ({type(err).__name__}): save with save_quantized."
+        ) from err
+    if set(saved) != set(a) or any(not torch.equal(saved[k], a[k].cpu()) for k in a):
+        hint = (
+            "the file does not hold the original's tensors: save the original (save_quantized), then reload."
+        )
+        return report(False, "save/reload round trip", hint, quiet=quiet)
     if a.keys() != b.keys():
         missing = sorted(set(a) - set(b))[:2]
         return report(
@@ -96,5 +151,10 @@ def check_round_trip(original: nn.Module, reloaded: nn.Module, *, quiet: bool = 
             )
         if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k].cpu(), b[k].cpu()):
             hint = f"{k} differs: load the file you saved, with qlab.io.load_quantized."
+            return report(False, "save/reload round trip", hint, quiet=quiet)
+        if a[k].numel() and a[k].untyped_storage().data_ptr() == b[k].untyped_storage().data_ptr():
+            hint = (
+                f"{k} shares memory with the original: reload from the file, not a reference to the module."
+            )
             return report(False, "save/reload round trip", hint, quiet=quiet)
     return report(True, "save/reload round trip", "", quiet=quiet)
