@@ -3,18 +3,8 @@
 The format types and their registry live one layer down, in :mod:`qlab.format_types`; this module
 re-exports them and adds what is computed with them. It imports only torch and the standard library.
 
-A binary float format with ``E`` exponent bits, ``M`` mantissa bits and exponent bias ``b`` stores a sign bit
-``s``, an exponent field ``e`` and a mantissa field ``m``.  Its value is::
-
-    normal     (0 < e):  value = (-1)^s * 2^(e - b) * (1 + m / 2^M)
-    subnormal  (e == 0): value = (-1)^s * 2^(1 - b) * (0 + m / 2^M)
-
-Formats differ in what the all-ones exponent means:
-
-* IEEE-like (fp32, fp16, bf16, fp8 e5m2): ``e == 2^E - 1`` holds inf (``m == 0``) and NaN (``m != 0``).
-* "fn" (finite + NaN, fp8 e4m3fn): only ``S.1111.111`` is NaN; every other code is a finite number, so the
-  range reaches 448 instead of 240.  There is no inf.
-* finite-only (fp6 e3m2 / e2m3, fp4 e2m1 from the OCP MX spec): every code is a number.
+A float format's value is ``(-1)^s * 2^(e - b) * (1 + m / 2^M)`` for a normal code (the fields, the
+subnormals and what the all-ones exponent means are in :mod:`qlab.format_types`).
 
 Rounding (:func:`round_to`) is round-to-nearest, ties-to-even, with subnormals, done in plain torch from the
 exponent arithmetic.  It matches torch's own casts bit for bit for float32 inputs (see tests/test_formats.py).
