@@ -3,7 +3,8 @@
 Run: ``python benchmarks/gguf_import_memory.py [--gguf PATH]`` (default: ``qlab.models.smollm2_gguf()``).
 
 Each route runs in a fresh subprocess and reports its peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so imports are counted the same way in every row; the
+(``VmHWM`` in ``/proc/self/status``; not ``ru_maxrss``, which survives ``execve`` and would report the
+parent's size), so imports are counted the same way in every row; the
 first row (imports only) is the floor they share:
 
 * ``imports``: python + torch + transformers (with its Llama modeling code) + gguf, nothing read;
@@ -45,14 +46,16 @@ ROUTES = {
 
 #: one forward pass of 64 tokens, so that every weight has been read (safetensors maps files lazily)
 FORWARD = (
-    "import resource, torch\nloaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "import torch\nloaded = hwm_mb()\n"
     "with torch.no_grad(): m(torch.arange(64)[None])"
 )
 CHILD = """
-import json, resource, sys
+import json, sys
 PATH, OUT = sys.argv[1], sys.argv[2]
+def hwm_mb():
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024
 {body}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+peak = hwm_mb()
 print(json.dumps({{"peak_mb": peak, "held_mb": held / 1e6, "loaded_mb": globals().get("loaded", peak)}}))
 """
 

@@ -295,22 +295,26 @@ def test_import_qlab_registers_lazily(tmp_path):
 
 
 RSS_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
 import qlab
 from transformers import AutoModelForCausalLM
 from qlab.cache import require
 torch.set_num_threads(2)
-def rss_mb():
+def status_mb(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
+# VmHWM, not ru_maxrss: ru_maxrss survives execve, so a child of a large pytest process would report
+# its parent's size as its own peak.
+def rss_mb():
+    return status_mb("VmRSS")
 base = rss_mb()
 kw = {{}} if {method!r} is None else {{"quantization_config": qlab.hf.QlabConfig({method!r}, 4, 64)}}
 model = AutoModelForCausalLM.from_pretrained(str(require("smollm2-135m")), **kw)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM")
 # safetensors maps the file: a float load leaves weights unread until used. Touch every tensor.
 touched = sum(float(t.float().sum()) for t in model.state_dict().values())
-resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+resident = status_mb("VmHWM")
 layers = qlab.driver.quantized_layers(model)
 qbytes = sum(m.nbytes for m in layers.values())
 fbytes = sum(m.float_nbytes() for m in layers.values())
@@ -324,7 +328,7 @@ print(json.dumps({{**out, "qbytes": qbytes, "fbytes": fbytes, "model_bytes": tot
 @pytest.mark.slow
 def test_smollm2_on_the_fly_peak_memory(fetched, tmp_path):
     """Peak resident memory of loading SmolLM2 with nf4 on the fly against plain fp32 loading, each in
-    a fresh process (ru_maxrss; the RSS after imports is subtracted)."""
+    a fresh process (VmHWM; the RSS after imports is subtracted)."""
     runs = {}
     for method in (None, "nf4"):
         out = run_python(RSS_SCRIPT.format(method=method), tmp_path)
