@@ -61,6 +61,15 @@ def _tied_elsewhere(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str
     return tied
 
 
+def fitting_group_size(in_features: int, group_size: int) -> int:
+    """The largest power of two below ``group_size`` that divides ``in_features`` (64 for 576 and 128):
+    what a layer gets when the requested group size does not divide its width. qlab does not pad."""
+    fit = 2 ** int(math.log2(group_size))
+    while fit > 1 and (in_features % fit or fit >= group_size):
+        fit //= 2
+    return fit
+
+
 def fit_group_sizes(model: nn.Module, config: QuantConfig) -> QuantConfig:
     """``config`` plus overrides for layers whose ``in_features`` the group size does not divide.
 
@@ -78,10 +87,7 @@ def fit_group_sizes(model: nn.Module, config: QuantConfig) -> QuantConfig:
         k = linear_weight(mod).shape[1]
         if g is None or k % g == 0:
             continue
-        fit = 2 ** int(math.log2(g))
-        while fit > 1 and (k % fit or fit >= g):
-            fit //= 2
-        fits[name] = {"group_size": fit}
+        fits[name] = {"group_size": fitting_group_size(k, g)}
     if not fits:
         return config
     sizes = sorted(
@@ -220,9 +226,7 @@ def quantize_embeddings(model: nn.Module, config: QuantConfig) -> nn.Module:
     cfg = _head_config(config)
     k = emb.weight.shape[1]
     if cfg.entry.grouped and cfg.group_size is not None and k % cfg.group_size:
-        g = 2 ** int(math.log2(cfg.group_size))  # as fit_group_sizes: the largest power of two below
-        while g > 1 and (k % g or g >= cfg.group_size):  # the requested size that divides k
-            g //= 2
+        g = fitting_group_size(k, cfg.group_size)
         cfg = QuantConfig.from_dict({**cfg.to_dict(), "group_size": g, "overrides": {}})
     qemb = QuantEmbedding.from_embedding(emb, cfg)
     names = {id(m): n for n, m in model.named_modules()}
