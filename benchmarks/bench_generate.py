@@ -18,7 +18,8 @@ one-token step, eager, or compiled with ``torch.compile(fullgraph=True)`` (``--b
 come as they are quantized (head float), and with ``+head+fuse``: the tied embedding and head as
 one int8 table (``quantize_embeddings``) and q/k/v, gate/up fused (:func:`qlab.fuse.fuse_projections`).
 llama.cpp runs when ``llama-bench`` is found (``$LLAMA_CPP_BIN`` or ``PATH``) and ``--gguf`` names
-models: ``llama-bench --repack 0`` (its AMX repack path crashes in these VMs), same threads.
+files: ``llama-bench --repack 0 -r 1`` once per round inside the round-robin (its AMX repack path
+crashes in these VMs), same threads. Its ``tg`` decodes from an empty context, ours after the prompt.
 
 ``--quick`` (< 2 minutes on 2 quiet cores): fewer candidates, no compile, no perplexity, 16 new tokens.
 Run it as ``python benchmarks/bench_generate.py`` (the script drops the repo root from ``sys.path``).
@@ -148,30 +149,51 @@ def time_generate(c: Candidate, prompt: torch.Tensor, new: int) -> torch.Tensor:
     return out.ids
 
 
-def llama_cpp_rows(args: argparse.Namespace) -> list[str]:
+@dataclass
+class LlamaBench:
+    """One GGUF file run by llama.cpp's ``llama-bench`` once per round, inside the round-robin."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    decode: list[float] = field(default_factory=list)
+    prompt: list[float] = field(default_factory=list)
+    error: str = ""
+
+    def run_once(self) -> None:
+        if self.error:
+            return
+        proc = subprocess.run(self.cmd, capture_output=True, text=True, env=self.env)
+        if proc.returncode != 0:
+            self.error = f"failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-300:]}"
+            return
+        for r in json.loads(proc.stdout):
+            (self.prompt if r["n_prompt"] else self.decode).append(r["avg_ts"])
+
+
+def llama_cpp(args: argparse.Namespace) -> tuple[list[LlamaBench], list[str]]:
+    """``llama-bench`` runners for ``--gguf`` (``$LLAMA_CPP_BIN`` or ``PATH``), or why there are none."""
     exe = os.environ.get("LLAMA_CPP_BIN") or shutil.which("llama-bench")
     if exe and os.path.isdir(exe):
         exe = os.path.join(exe, "llama-bench")
     if not exe or not os.path.exists(exe):
-        return ["llama.cpp: llama-bench not found (set LLAMA_CPP_BIN or PATH); not run"]
+        return [], ["llama.cpp: llama-bench not found (set LLAMA_CPP_BIN or PATH); not run"]
     if not args.gguf:
-        return ["llama.cpp: no --gguf models given; not run"]
-    rows = []
-    lib_path = os.path.dirname(exe) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
-    env = {**os.environ, "LD_LIBRARY_PATH": lib_path}
+        return [], ["llama.cpp: no --gguf models given; not run"]
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": os.path.dirname(exe) + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
+    }
+    runs = []
     for path in args.gguf:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--gguf: no such file {path!r}")
+        # -r 1: one measured run per round (llama-bench warms up first); --repack 0: its AMX repack
+        # path crashes in these VMs. tg{new} decodes from an empty context, our decode after a prompt.
         cmd = [exe, "-m", path, "-t", str(args.threads), "-p", str(args.prefill), "-n", str(args.new),
-               "--repack", "0", "-o", "json", "-r", str(max(2, args.repeats))]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            rows.append(f"llama.cpp {os.path.basename(path)}: failed ({proc.stderr.strip()[-200:]})")
-            continue
-        speeds = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in json.loads(proc.stdout)}
-        rows.append(
-            f"{'llama.cpp ' + os.path.basename(path):<40}{speeds.get('tg', float('nan')):>12.1f}"
-            f"{speeds.get('pp', float('nan')):>13.1f}   (llama-bench, its own timing, not round-robin)"
-        )
-    return rows
+               "--repack", "0", "-o", "json", "-r", "1"]  # fmt: skip
+        runs.append(LlamaBench(f"llama.cpp {os.path.basename(path)}", cmd, env))
+    return runs, []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip transformers bf16 and optimum-quanto")
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows (0: skip)")
-    p.add_argument("--gguf", nargs="*", default=[], help="GGUF files for llama-bench")
+    p.add_argument("--gguf", nargs="*", default=[], help="GGUF files for llama-bench (round-robin too)")
+    p.add_argument("--json", default="", help="also write the table to this JSON file")
     a = p.parse_args(argv)
     if a.quick:
         a.new, a.compile, a.ppl_windows, a.repeats = min(a.new, 16), "none", 0, min(a.repeats, 2)
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {a.threads} threads, qlab CPU kernels: {status()}")
     t_build = time.perf_counter()
     cands, notes = build(a)
+    llamas, llama_notes = llama_cpp(a)
+    notes += llama_notes
     print(f"built {len(cands)} candidates in {time.perf_counter() - t_build:.0f} s")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, a.prompt), generator=gen)
@@ -225,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         for c in cands:
             if c.name in prefill:
                 c.prompt.append(a.prefill / prefill[c.name]().prefill_s)
+        for lb in llamas:
+            lb.run_once()
     if a.ppl_windows:
         from qlab.evaluate import perplexity
 
@@ -243,16 +270,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("(x = ratio to transformers fp32 in the same loop, eager)")
     print(f"{'':<40}{'decode tok/s':>12}{'':>8}{'prompt tok/s':>13}{'':>8}{'ppl':>8}  text")
+    rows: list[dict[str, Any]] = []
     for c in cands:
         d, pr = med(c.decode), med(c.prompt)
         ppl = f"{c.ppl:8.2f}" if c.ppl is not None else f"{'':8}"
         text = "" if c.text_same is None else ("= eager" if c.text_same else "DIFFERS")
         extra = " (end to end)" if c.hf_generate else ""
         print(f"{c.name:<40}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{ppl}  {text}{extra}")
-    for line in llama_cpp_rows(a):
-        print(line)
+        rows.append({"name": c.name, "decode_tok_s": d, "prompt_tok_s": pr, "ppl": c.ppl,
+                     "compiled": c.compiled, "text_same": c.text_same})  # fmt: skip
+    for lb in llamas:
+        if lb.error:
+            print(f"{lb.name:<40} {lb.error}")
+            continue
+        d, pr = med(lb.decode), med(lb.prompt)
+        print(f"{lb.name:<40}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{'':8}  (llama-bench tg/pp)")
+        rows.append({"name": lb.name, "decode_tok_s": d, "prompt_tok_s": pr, "ppl": None,
+                     "compiled": None, "text_same": None})  # fmt: skip
     for note in notes:
         print(f"note: {note}")
+    if a.json:
+        setup = {"threads": a.threads, "prompt": a.prompt, "new": a.new, "prefill": a.prefill,
+                 "repeats": a.repeats, "ppl_windows": a.ppl_windows, "torch": torch.__version__}  # fmt: skip
+        with open(a.json, "w") as f:
+            json.dump({"setup": setup, "rows": rows}, f, indent=1)
+            f.write("\n")
+        print(f"wrote {a.json}")
     comp = [c for c in cands if c.compile_s is not None]
     if comp:
         print("compile time (s): " + ", ".join(f"{c.name}: {c.compile_s:.0f}" for c in comp))
