@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -37,6 +38,10 @@ QUANTIZERS = {
     "rtn": lambda w, spec: quantize(w, spec).dequantize(),
     "hqq": lambda w, spec: hqq_quantize(w, spec).dequantize(),
     "hqq+scale": lambda w, spec: hqq_quantize(w, spec, optimize_scale=True).dequantize(),
+    # Float zero-points (x = s*q + m, llama.cpp's Q4_1 form): min-max RTN no longer rounds its zero to an
+    # integer, and HQQ keeps its fractional zero in the float domain.
+    "rtn-fz": lambda w, spec: quantize(w, replace(spec, zero_domain="float")).dequantize(),
+    "hqq-fz": lambda w, spec: hqq_quantize(w, replace(spec, zero_domain="float")).dequantize(),
 }
 
 
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", default="4:64,3:64,2:64,4:128|144,3:128|144,4:32,3:32,2:32,2:128|144",
                     help="bits:group pairs, in the order they run")  # fmt: skip
     ap.add_argument("--methods", default="rtn,hqq")
-    ap.add_argument("--scale-points", default="4:64,3:64,2:64", help="points that also run hqq+scale")
+    ap.add_argument("--extra", default="hqq+scale@4:64,hqq+scale@3:64,hqq+scale@2:64",
+                    help="more method@bits:group runs after the grid")  # fmt: skip
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
     ap.add_argument("--no-float", action="store_true", help="skip the float model's row")
     ap.add_argument("--no-ppl", action="store_true", help="weight and output errors only (no perplexity)")
@@ -88,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_float and not args.no_ppl:
             emit({"method": "fp32", "bits": 32, "group": "-", "perplexity": round(ppl(), 3)})
         jobs = [(p, m) for p in args.points.split(",") for m in args.methods.split(",")]
-        jobs += [(p, "hqq+scale") for p in args.scale_points.split(",") if p]
+        jobs += [(e.split("@")[1], e.split("@")[0]) for e in args.extra.split(",") if e]
+        unknown = {m for _, m in jobs} - set(QUANTIZERS)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {sorted(QUANTIZERS)}")
         for point, method in jobs:
             bits_s, group_s = point.split(":")
             bits, groups = int(bits_s), [int(g) for g in group_s.split("|")]
