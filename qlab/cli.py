@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("path", help="a file written by `qlab quantize`, or smollm2-135m for the fp32 model")
     x.add_argument("--format", choices=["gguf"], default="gguf")
     x.add_argument("--requantize-to", default=None, help="GGUF type for layers without an exact one")
+    x.add_argument("--float-type", default="F16", help="GGUF type of float linears (F16, F32, Q8_0...)")
+    x.add_argument("--embedding-type", default="Q8_0", help="GGUF type of a float embedding")
     x.add_argument("-o", "--output", required=True, help="output .gguf path")
 
     c = sub.add_parser(
@@ -320,7 +322,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = models.smollm2_gguf()  # the original file: its tokenizer metadata is copied as it is
-        path = save_gguf(model, args.output, tokenizer_from=source, requantize_to=args.requantize_to)
+        path = save_gguf(
+            model,
+            args.output,
+            tokenizer_from=source,
+            requantize_to=args.requantize_to,
+            float_type=args.float_type,
+            embedding_type=args.embedding_type,
+        )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {len(caught)} layer(s) re-quantized)")

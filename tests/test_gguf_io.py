@@ -339,3 +339,17 @@ def test_cli_export_reports_a_missing_file(tmp_path, capsys):
     assert "qlab export: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "x.safetensors", "--format", "onnx", "-o", "x.gguf"])
+
+
+def test_cli_export_float_types(tmp_path, capsys):
+    from gguf import GGUFReader
+
+    from qlab.cli import main
+
+    out = tmp_path / "f32.gguf"
+    args = ["export", "smollm2-135m", "--float-type", "F32", "--embedding-type", "F32", "-o", str(out)]
+    assert main(args) == 0
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "F32" and types["token_embd.weight"] == "F32"
+    assert main(["export", "smollm2-135m", "--float-type", "F99", "-o", str(tmp_path / "x.gguf")]) == 1
+    assert "float_type: expected one of" in capsys.readouterr().err
