@@ -246,7 +246,8 @@ class ScaledTensor(QuantizedTensor):
         return replace(moved, global_scale=g)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        return f"ScaledTensor({self.fmt.name}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight:.3f})"
+        bpw = self.bits_per_weight
+        return f"ScaledTensor({self.fmt.name}, shape={tuple(self.shape)}, bits_per_weight={bpw:.3f})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,6 +360,7 @@ def quantize_fp8(
     """
     if granularity not in ("tensor", "row") or element not in ("e4m3", "e5m2"):
         raise ValueError(
-            f"granularity must be 'tensor' or 'row' and element 'e4m3' or 'e5m2', got {granularity!r}, {element!r}"
+            "granularity must be 'tensor' or 'row' and element 'e4m3' or 'e5m2', "
+            f"got {granularity!r}, {element!r}"
         )
     return quantize_scaled(x, f"fp8_{element}_{granularity}", scale=scale)

@@ -339,7 +339,8 @@ class QuantLinear(nn.Module):
             fmt = get_scaled_format(self.mode)
             return ScaledTensor(
                 codes, self.scale, None, self.spec, torch.Size((self.out_features, self.in_features)),
-                self.weight_dtype, codebook=fmt.table().to(codes.device), fmt=fmt, global_scale=self.global_scale,
+                self.weight_dtype, codebook=fmt.table().to(codes.device), fmt=fmt,
+                global_scale=self.global_scale,
             )  # fmt: skip
         if self.spec.code_dtype == torch.int8:
             codes = (codes.to(torch.int16) - 2 ** (self.spec.bits - 1)).to(torch.int8)
