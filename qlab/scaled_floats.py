@@ -261,6 +261,17 @@ def _positive_scale(t: Tensor | float, name: str) -> Tensor:
     return t
 
 
+def _codes_on_grid(r: Tensor, elem: FloatFormat) -> Tensor:
+    """Bit patterns of values ``r`` already on ``elem``'s grid: the positive codes count up in value, so
+    a search among them finds the magnitude's code, and the sign bit goes on top (as :func:`bits_of`
+    would give, without rounding again)."""
+    top = 2 ** (elem.bits - 1)
+    pos = from_code(torch.arange(top), elem)
+    pos = pos[torch.isfinite(pos)]
+    idx = torch.searchsorted(pos, r.abs().float().contiguous())
+    return (idx | (torch.signbit(r).to(torch.int64) * top)).to(torch.uint8)
+
+
 def quantize_scaled(
     x: Tensor,
     fmt: ScaledFormat | str = MXFP4,
@@ -273,7 +284,8 @@ def quantize_scaled(
     ``scale``: fp32-scale formats only: a *static* scale (a number, or one per block, e.g. from
     calibration) instead of the *dynamic* ``amax / element.max`` of ``x``. ``global_scale``: NVFP4 only: a
     static per-tensor scale instead of ``amax / (6 * 448)``. Element conversion rounds to nearest, ties to
-    even, and saturates at ``±element.max``.
+    even, and saturates at ``±element.max``. Scales and quotients are computed in fp32, as the recipes
+    (and torch's casts in the tests) compute them: ``x`` is read as fp32.
     """
     fmt = get_scaled_format(fmt)
     check_float_tensor(x)
@@ -287,14 +299,14 @@ def quantize_scaled(
         raise ValueError(f"global_scale= applies to formats with a per-tensor scale (nvfp4), not {fmt.name}")
     spec = fmt.spec(x.shape)
     bv = BlockView(tuple(x.shape), spec.block_size(x.shape))
-    x64 = x.detach().to(torch.float64)
-    xb = bv.of(x64)
+    # fp32 arithmetic throughout, as the recipes compute it (a float64 quotient can round a tie the other way)
+    xb = bv.of(x.detach().float())
     amax = bv.reduce(xb.abs(), "max")  # canonical per-block shape
     elem = fmt.element
     g: Tensor | None = None
     if fmt.scale == "fp32":
         if scale is None:
-            s = (amax / elem.max).to(torch.float32)
+            s = amax / elem.max
             s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero block: any scale, codes 0
         else:
             given = _positive_scale(scale, "scale")
@@ -304,25 +316,25 @@ def quantize_scaled(
                     f"{tuple(x.shape)}), got {given.numel()} values"
                 )
             s = given.reshape(-1).expand(amax.numel()).reshape(amax.shape).clone()
-        stored, value = s, s.double()
+        stored, value = s, s
     elif fmt.scale == "e8m0":
         exp = torch.where(amax > 0, floor_log2(amax.clamp(min=1e-300)) - elem.emax, -E8M0_BIAS)
         exp = exp.clamp(-E8M0_BIAS, E8M0_BIAS)
         stored = encode_e8m0(exp)
-        value = _pow2(exp)
+        value = _pow2(exp).float()
     else:  # e4m3 block scales under an fp32 global scale (NVFP4)
         if global_scale is None:
-            g = (amax.max() / (elem.max * FP8_E4M3.max)).to(torch.float32)
+            g = amax.max() / (elem.max * FP8_E4M3.max)
             g = torch.where(g > 0, g, torch.ones_like(g))
         else:
             g = _positive_scale(global_scale, "global_scale").reshape(())
-        sb = round_to(amax / (elem.max * g.double()), FP8_E4M3)  # saturates at 448
+        sb = round_to(amax / (elem.max * g), FP8_E4M3)  # saturates at 448
         stored = bits_of(sb, FP8_E4M3).code.to(torch.uint8)
-        value = (sb * g).double()  # the fp32 product the decoder forms
+        value = sb * g  # the fp32 product the decoder forms
     per_block = bv.per_block(value)
     safe = torch.where(per_block > 0, per_block, torch.ones_like(per_block))
     r = round_to(torch.where(per_block > 0, xb / safe, torch.zeros_like(xb)), elem, saturate=True)
-    codes = bits_of(r.reshape(x.shape), elem).code.to(torch.uint8)
+    codes = _codes_on_grid(r.reshape(x.shape), elem)
     return ScaledTensor(
         codes=codes,
         scale=stored,
