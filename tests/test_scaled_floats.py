@@ -283,3 +283,42 @@ def test_quantize_model_save_and_load(tmp_path, method):
         assert torch.equal(back(x), q(x))
     for a, b in zip(q.state_dict().values(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+_TRITON_SCRIPT = """
+import torch, qlab
+import qlab.kernels as kernels
+from qlab.nn import QuantLinear, dispatch
+assert kernels.available("cpu")
+dispatch._kernels = lambda: kernels  # the path's CUDA gate, opened for the interpreter
+for mode in ("mxfp4", "nvfp4"):
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(13)))
+    layer = QuantLinear.from_linear(lin, qlab.QuantConfig(mode, 4))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(14))
+    ref = x @ layer.dequantize(torch.float32).T
+    y = dispatch._triton_forward(layer, x)
+    print(mode, float((y - ref).norm() / ref.norm()))
+"""
+
+
+def test_triton_path_runs_mx_layers_as_an_fp4_codebook():
+    """The CUDA path's kernel, run in Triton's interpreter in a fresh process (TRITON_INTERPRET must be set
+    before triton is imported), on the arguments the dispatch builds for MXFP4 / NVFP4 layers."""
+    import os
+    import subprocess
+    import sys
+
+    from qlab.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert set(errors) == {"mxfp4", "nvfp4"}
+    assert all(float(e) < 1e-5 for e in errors.values()), errors  # fp32 accumulation of the same values
