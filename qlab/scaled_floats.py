@@ -190,6 +190,15 @@ class ScaledTensor(QuantizedTensor):
     fmt: ScaledFormat = MXFP4
     global_scale: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        byte_scales = self.fmt.scale in ("e8m0", "e4m3")
+        if byte_scales != (self.scale.dtype == torch.uint8):
+            want = "uint8 bytes" if byte_scales else "a float tensor"
+            raise ValueError(f"scale of a {self.fmt.name} tensor must be {want}, got {self.scale.dtype}")
+        if self.fmt.global_scale != (self.global_scale is not None):
+            need = "needs" if self.fmt.global_scale else "takes no"
+            raise ValueError(f"{self.fmt.name} {need} a global_scale")
+
     def scales(self) -> Tensor:
         """The per-block scales in float32, global scale included."""
         if self.fmt.scale == "e8m0":

@@ -322,3 +322,11 @@ def test_triton_path_runs_mx_layers_as_an_fp4_codebook():
     errors = dict(line.split() for line in out.stdout.strip().splitlines())
     assert set(errors) == {"mxfp4", "nvfp4"}
     assert all(float(e) < 1e-5 for e in errors.values()), errors  # fp32 accumulation of the same values
+
+
+def test_a_scaled_tensor_checks_its_scales_against_its_format():
+    st_ = quantize_nvfp4(torch.randn(2, 32, generator=_gen(15)))
+    with pytest.raises(ValueError, match="needs a global_scale"):
+        ScaledTensor(st_.codes, st_.scale, None, st_.spec, st_.shape, codebook=st_.codebook, fmt=NVFP4)
+    with pytest.raises(ValueError, match="must be uint8 bytes"):
+        ScaledTensor(st_.codes, st_.scales(), None, st_.spec, st_.shape, codebook=st_.codebook, fmt=MXFP4)
