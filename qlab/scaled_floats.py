@@ -174,6 +174,18 @@ def get_scaled_format(name: str | ScaledFormat) -> ScaledFormat:
     return SCALED_FORMATS[name.lower()]
 
 
+def decode_scales(scale: Tensor, fmt: ScaledFormat, global_scale: Tensor | None = None) -> Tensor:
+    """fp32 values of stored scales: e8m0 or e4m3 bytes decoded (fp32 scales as they are), times the
+    global scale when there is one."""
+    if fmt.scale == "e8m0":
+        s = decode_e8m0(scale)
+    elif fmt.scale == "e4m3":
+        s = from_code(scale, FP8_E4M3)
+    else:
+        s = scale.float()
+    return s if global_scale is None else s * global_scale.float()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The quantized tensor
 
@@ -201,13 +213,7 @@ class ScaledTensor(QuantizedTensor):
 
     def scales(self) -> Tensor:
         """The per-block scales in float32, global scale included."""
-        if self.fmt.scale == "e8m0":
-            s = decode_e8m0(self.scale)
-        elif self.fmt.scale == "e4m3":
-            s = from_code(self.scale, FP8_E4M3)
-        else:
-            s = self.scale.float()
-        return s if self.global_scale is None else s * self.global_scale.float()
+        return decode_scales(self.scale, self.fmt, self.global_scale)
 
     @property
     def nbytes(self) -> int:

@@ -129,5 +129,8 @@ def check_mx_scale_code(fn: Callable[[torch.Tensor], torch.Tensor], *, quiet: bo
     elif torch.equal(got, ref - 127):
         hint = "e8m0 stores the exponent plus a bias of 127"
     else:
-        hint = "per block: amax = max |x|, exponent = floor(log2(amax)) - 2, byte = exponent + 127"
+        hint = (
+            "per block, the exponent of amax = max |x| sets the scale X = 2^k: pick the integer k that puts "
+            "amax / X in e2m1's top binade [4, 8), then store k with e8m0's bias"
+        )
     return report(not hint, "MXFP4 shared scale", hint, quiet=quiet)

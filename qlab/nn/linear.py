@@ -28,7 +28,13 @@ from qlab.affine import quantize_rtn
 from qlab.codebooks import codebook_table
 from qlab.packing import PACK_BITS, pack, packed_length, unpack
 from qlab.quantize import quantize
-from qlab.scaled_floats import BLOCK_SCALED_MODES, ScaledTensor, get_scaled_format, quantize_scaled
+from qlab.scaled_floats import (
+    BLOCK_SCALED_MODES,
+    ScaledTensor,
+    decode_scales,
+    get_scaled_format,
+    quantize_scaled,
+)
 from qlab.tensor import QuantizedTensor, QuantSpec, check_finite, dtype_name, parse_dtype
 
 Mode = Literal["weight", "fp8", "w8a8", "mxfp4", "nvfp4"]
@@ -454,7 +460,7 @@ class QuantLinear(nn.Module):
             raise ValueError(
                 f"block_scales() is for the modes {BLOCK_SCALED_MODES}, this layer is {self.mode!r}"
             )
-        return self.quantized_tensor().scales()
+        return decode_scales(self.scale, get_scaled_format(self.mode), self.global_scale)
 
     def after_load(self) -> None:
         """Rebuild what is derived from the spec (the codebook table) after tensors were assigned."""
