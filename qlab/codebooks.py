@@ -11,6 +11,8 @@ one absmax scale, and per element a 4-bit index into a fixed 16-entry table::
 * **FP4** (e2m1, OCP microscaling): the 16 bit patterns of a 4-bit float (1 sign, 2 exponent,
   1 mantissa bit), values ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}`` and their negatives, divided by 6.
   Codes *are* the e2m1 bit patterns (sign in bit 3).
+  The hardware variants of e2m1 with small stored scales (MXFP4: an e8m0 power of two per 32;
+  NVFP4: an e4m3 scale per 16 and an fp32 one per tensor) are in :mod:`qlab.scaled_floats`.
 
 **Double quantization** (QLoRA): the fp32 absmax scales cost 32/64 = 0.5 bits per weight. Their
 mean is subtracted and they are quantized again to int8, symmetric, in blocks of 256: the

@@ -22,6 +22,7 @@ from qlab.methods.hqq import hqq_quantize
 from qlab.methods.passes import QuantizationResult, awq_pass, gptq_pass, smoothquant_pass
 from qlab.nn import DEFAULT_THRESHOLD, Int8Linear, QuantLinear, linear_weight
 from qlab.quantize import quantize
+from qlab.scaled_floats import get_scaled_format
 from qlab.tensor import QuantizedTensor, QuantSpec
 
 Layer = Literal["weight", "fp8", "w8a8", "int8"]
@@ -68,7 +69,17 @@ def _weight_layer(quantizer: Callable[..., QuantizedTensor]) -> Build:
     return build
 
 
-def _mode_layer(mode: Literal["fp8", "w8a8"]) -> Build:
+def _scaled_spec(name: str) -> Callable[[int, int | None, bool | None], QuantSpec]:
+    """The block layout of a block-scaled format (its block size is the format's, not the config's)."""
+
+    def spec(bits: int, group_size: int | None, symmetric: bool | None) -> QuantSpec:
+        fmt = get_scaled_format(name)
+        return fmt.spec((1, fmt.block))  # type: ignore[arg-type]
+
+    return spec
+
+
+def _mode_layer(mode: Literal["fp8", "w8a8", "mxfp4", "nvfp4"]) -> Build:
     def build(linear: nn.Module, spec: QuantSpec, kwargs: Mapping[str, Any]) -> nn.Module:
         return QuantLinear.from_linear(linear, spec, mode=mode)
 
@@ -143,6 +154,14 @@ METHODS: dict[str, Method] = {
         Method(
             "fp8", "FP8 e4m3 weights, one scale per output row (no data)", (8,), False, False, "fp8",
             _int8_channel, build=_mode_layer("fp8"),
+        ),
+        Method(
+            "mxfp4", "OCP MXFP4: e2m1, one power-of-two (e8m0) scale per 32 (no data)", (4,), False, False,
+            "weight", _scaled_spec("mxfp4"), allows_symmetric=False, build=_mode_layer("mxfp4"),
+        ),
+        Method(
+            "nvfp4", "NVFP4: e2m1, an e4m3 scale per 16 and an fp32 one per tensor (no data)", (4,), False,
+            False, "weight", _scaled_spec("nvfp4"), allows_symmetric=False, build=_mode_layer("nvfp4"),
         ),
         Method(
             "w8a8", "int8 weights and per-token int8 activations (no data)", (8,), False, False, "w8a8",

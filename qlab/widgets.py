@@ -60,6 +60,8 @@ from qlab.plots import (
     plot_memory,
 )
 from qlab.quantize import QuantizedTensor
+from qlab.scaled_floats import ScaledTensor, quantize_fp8, quantize_mxfp4, quantize_nvfp4
+from qlab.tensor import QuantSpec
 
 
 def _ipywidgets() -> Any:
@@ -201,6 +203,26 @@ def bit_layout_explorer(
 # Error-histogram explorer
 
 
+def _fp8(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    if spec.granularity == "group":
+        raise ValueError("FP8 here has one fp32 scale per tensor or per row: choose 'tensor' or 'channel'")
+    return quantize_fp8(x, "tensor" if spec.granularity == "tensor" else "row")
+
+
+def scaled_float_methods() -> dict[str, Quantizer]:
+    """The scaled-float formats of :mod:`qlab.scaled_floats` as explorer quantizers: MXFP4 and NVFP4 (their
+    block and scale rule are fixed, so bits, granularity and group size do not apply) and FP8 e4m3 with a
+    dynamic fp32 scale per tensor (granularity ``tensor``) or per row (``channel``)."""
+    return {
+        "MXFP4": lambda x, spec: quantize_mxfp4(x),
+        "NVFP4": lambda x, spec: quantize_nvfp4(x),
+        "FP8": _fp8,
+    }
+
+
+_SCALE_LABELS = {"e8m0": "e8m0 scales", "e4m3": "e4m3 scales x fp32 per tensor", "fp32": "fp32 scales"}
+
+
 def error_histogram_explorer(
     tensors: Mapping[str, torch.Tensor] | None = None,
     *,
@@ -215,6 +237,9 @@ def error_histogram_explorer(
     symmetric/asymmetric, granularity, group size and the dtype of the stored scales and zeros; see the
     weight histogram with the quantization grid, the error histogram, and SQNR, max error and bits per weight
     (scales and zeros counted in ``scale_dtype``, the starting value of the ``scales`` control).
+
+    The formats include the scaled floats of :func:`scaled_float_methods` (MXFP4, NVFP4, FP8 per tensor or
+    per row), with their stored scales counted in the bits per weight.
 
     An impossible combination (NF4 or FP4 per tensor, HQQ symmetric, ...) says why and blanks the numbers and
     the picture until the controls make sense again, so nothing stale stays on screen.
@@ -237,7 +262,11 @@ def error_histogram_explorer(
             raise ValueError(f"inputs[{name!r}] names no tensor; tensors are {list(tensors)}")
         if not isinstance(a, torch.Tensor) or a.shape[-1] != tensors[name].shape[-1]:
             raise ValueError(f"inputs[{name!r}] must be a tensor [..., {tensors[name].shape[-1]}]")
-    all_methods: dict[str, Quantizer | None] = {**available_methods(), **(methods or {})}
+    all_methods: dict[str, Quantizer | None] = {
+        **available_methods(),
+        **scaled_float_methods(),
+        **(methods or {}),
+    }
     from_inputs = data_methods() if inputs else {}
     for method_name in from_inputs:
         all_methods.setdefault(method_name, None)  # built per tensor from its inputs, on first use
@@ -282,8 +311,9 @@ def error_histogram_explorer(
     def refresh(_change: object = None) -> None:
         name = c["tensor"].value
         x = tensors[name].detach().float()
-        codebook = c["method"].value in ("NF4", "FP4")
         method = c["method"].value
+        codebook = method in ("NF4", "FP4", "MXFP4", "NVFP4", "FP8")  # no bits/symmetric/scale dtype
+        fixed_block = method in ("MXFP4", "NVFP4")
         chosen = {k: v for k, v in all_methods.items() if v is not None}
 
         def impossible(why: str) -> None:  # say why, and blank what no longer matches the controls
@@ -300,7 +330,8 @@ def error_histogram_explorer(
                 data_cache[method, name] = from_inputs[method](inputs[name])
             chosen[method] = data_cache[method, name]
         c["bits"].disabled = c["symmetric"].disabled = c["scale_dtype"].disabled = codebook
-        c["group_size"].disabled = c["granularity"].value != "group"
+        c["group_size"].disabled = c["granularity"].value != "group" or fixed_block
+        c["granularity"].disabled = fixed_block
         try:
             result = explorer_quantize(
                 x,
@@ -321,15 +352,18 @@ def error_histogram_explorer(
         spec = (result if isinstance(result, QuantizedTensor) else result[0]).spec
         shown = qt if qt is not None else xhat  # a QuantizedTensor brings its grid into the picture
         scales = "fp32 absmax" if codebook else f"{_dtype_name(spec.scale_dtype)} scales"
+        described = spec.describe()
+        if isinstance(result, ScaledTensor):
+            scales, described = _SCALE_LABELS[result.fmt.scale], result.fmt.name
         fig = plot_error_histogram(
-            x, shown, title=f"{name}: {method} {spec.describe()}, {scales}", bits_per_weight=bpw
+            x, shown, title=f"{name}: {method} {described}, {scales}", bits_per_weight=bpw
         )
         image.value = figure_png(fig)
         stats = error_stats(x, xhat, bits_per_weight=bpw)
         labels["output_sqnr"].value = (
             f"<b>output SQNR {output_sqnr(x, xhat, inputs[name]):.2f} dB</b>" if name in inputs else ""
         )
-        labels["status"].value = html.escape(f"{spec.describe()}, {scales}")
+        labels["status"].value = html.escape(f"{described}, {scales}")
         for key, text in stats.labels().items():
             labels[key].value = f"<b>{html.escape(text)}</b>"
 
@@ -524,6 +558,7 @@ __all__ = [
     "bit_layout_explorer",
     "default_tensors",
     "error_histogram_explorer",
+    "scaled_float_methods",
     "explorer_quantize",
     "flip_bit",
     "awq_method",

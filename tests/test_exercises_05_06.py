@@ -7,7 +7,12 @@ import math
 import numpy as np
 import torch
 
-from qlab.exercises.lesson05 import check_group_scales, check_nf4_bits_per_weight, check_pack_4bit
+from qlab.exercises.lesson05 import (
+    check_group_scales,
+    check_mx_scale_code,
+    check_nf4_bits_per_weight,
+    check_pack_4bit,
+)
 from qlab.exercises.lesson06 import check_hqq_zero_step, check_output_error, check_two_bit_levels
 
 
@@ -47,6 +52,28 @@ def test_nf4_bits_per_weight() -> None:
     assert check_nf4_bits_per_weight((1536, 576), 64, False, np.float64(4.5), quiet=True)
     text = check_nf4_bits_per_weight((1536, 576), 64, True, "4.127", quiet=True)  # type: ignore[arg-type]
     assert not text and "must be a number" in text.message
+
+
+def test_mx_scale_code() -> None:
+    def amax(b):
+        return b.abs().amax(1).double()
+
+    # right: from the spec's formula, in plain torch (the exact floor of log2 via frexp, or log2 in float64)
+    assert check_mx_scale_code(lambda b: torch.frexp(amax(b))[1] - 1 - 2 + 127, quiet=True)
+    assert check_mx_scale_code(lambda b: torch.floor(torch.log2(amax(b))) + 125, quiet=True)
+    no_emax = check_mx_scale_code(lambda b: torch.floor(torch.log2(amax(b))) + 127, quiet=True)
+    assert not no_emax and "emax" in no_emax.message
+    rounded = check_mx_scale_code(lambda b: torch.round(torch.log2(amax(b))) + 125, quiet=True)
+    assert not rounded and "floor" in rounded.message
+    unbiased = check_mx_scale_code(lambda b: torch.floor(torch.log2(amax(b))) - 2, quiet=True)
+    assert not unbiased and "bias of 127" in unbiased.message
+    assert not check_mx_scale_code(lambda b: torch.log2(amax(b)) + 125, quiet=True)  # not an integer
+    shape = check_mx_scale_code(lambda b: amax(b)[:3], quiet=True)
+    assert not shape and "one integer per block" in shape.message
+    assert not check_mx_scale_code(lambda b: 127, quiet=True)
+    assert not check_mx_scale_code(..., quiet=True)  # type: ignore[arg-type]
+    raises = check_mx_scale_code(lambda b: b.reshape(7, -1), quiet=True)
+    assert not raises and "raised RuntimeError" in raises.message
 
 
 def test_two_bit_levels() -> None:

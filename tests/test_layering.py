@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"formats", "format_types", "packing", "tensor", "affine", "codebooks", "quantize", "metrics"}
+CORE = {"formats", "format_types", "packing", "tensor", "affine", "codebooks", "scaled_floats", "quantize"}
+CORE |= {"metrics"}
 ABOVE_CORE = (
     "qlab.nn",
     "qlab.methods",

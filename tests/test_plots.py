@@ -320,3 +320,19 @@ def test_figure_png_closes_the_figure():
     png = figure_png(fig)
     assert png.startswith(b"\x89PNG")
     assert not plt.fignum_exists(fig.number)
+
+
+def test_grid_and_stats_of_a_block_scaled_tensor():
+    from qlab.scaled_floats import quantize_mxfp4, quantize_nvfp4
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    x[2, 40] = 9.0  # the largest |x|: block (2, 1); floor(log2 9) - 2 = 1, so X = 2
+    mx = quantize_mxfp4(x)
+    grid, where = quantization_grid(x, mx)
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert torch.equal(grid.unique(), 2 * torch.cat([-e2m1.flip(0), e2m1]).unique())
+    assert "1 of 16" in where
+    stats = error_stats(x, mx)
+    assert stats.bits_per_weight == 4.25
+    nv = quantize_nvfp4(x)
+    assert error_stats(x, nv).bits_per_weight == 4.5 + 32 / x.numel()

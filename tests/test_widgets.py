@@ -324,3 +324,23 @@ def test_live_widgets_show_one_line_of_plain_text():
         assert bundle["text/plain"] == LIVE_NOTE
         assert "application/vnd.jupyter.widget-view+json" in bundle
         assert isinstance(box, ipywidgets.VBox)
+
+
+def test_error_histogram_explorer_offers_the_scaled_floats():
+    from qlab.scaled_floats import quantize_fp8, quantize_mxfp4, quantize_nvfp4
+
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    box = error_histogram_explorer({"w": x})
+    c, labels = box.controls, box.labels
+    for method, ref in (("MXFP4", quantize_mxfp4(x)), ("NVFP4", quantize_nvfp4(x))):
+        c["method"].value = method
+        assert _plain(labels["sqnr"]) == error_stats(x, ref).labels()["sqnr"]
+        assert _plain(labels["bits_per_weight"]) == f"bits per weight {ref.bits_per_weight:.3f}"
+        assert c["granularity"].disabled and c["group_size"].disabled and c["bits"].disabled
+    assert _plain(labels["bits_per_weight"]) == "bits per weight 4.508"  # 4.5 + 32 / 4096
+    c["method"].value = "FP8"
+    c["granularity"].value = "group"  # FP8 scales per tensor or per row only
+    assert "per tensor or per row" in labels["status"].value and _plain(labels["sqnr"]) == ""
+    c["granularity"].value = "channel"
+    assert _plain(labels["sqnr"]) == error_stats(x, quantize_fp8(x, "row")).labels()["sqnr"]
+    assert "fp8_e4m3_row, fp32 scales" in labels["status"].value

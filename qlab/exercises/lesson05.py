@@ -1,4 +1,5 @@
-"""Checks for lesson 05, int4: group-wise scales, packing two codes per byte, true bits per weight.
+"""Checks for lesson 05, int4: group-wise scales, packing two codes per byte, true bits per weight, the
+MXFP4 shared scale.
 
 Each check recomputes the answer with qlab (:mod:`qlab.quantize`, :mod:`qlab.packing`,
 :mod:`qlab.codebooks`) and compares; a wrong answer gets a hint, never the number.
@@ -14,6 +15,7 @@ from qlab.codebooks import quantize_nf4
 from qlab.exercises import CheckResult, answer_check, as_function, as_number, as_tensor, call_answer, report
 from qlab.packing import pack
 from qlab.quantize import QuantSpec, compute_scale_zero
+from qlab.scaled_floats import quantize_mxfp4
 
 
 @answer_check("group-wise int4 scales")
@@ -93,3 +95,42 @@ def check_nf4_bits_per_weight(
     else:
         hint = "4 bits per code + one fp32 (32-bit) absmax per block of block_size weights"
     return report(ok, "NF4 bits per weight", hint, quiet=quiet)
+
+
+@answer_check("MXFP4 shared scale")
+def check_mx_scale_code(fn: Callable[[torch.Tensor], torch.Tensor], *, quiet: bool = False) -> CheckResult:
+    """Exercise 4: ``fn(blocks)`` returns the e8m0 byte of the MXFP4 shared scale of each row of ``blocks``
+    ``[n, 32]`` (as integers ``[n]``): ``floor(log2(amax)) - 2 + 127`` by the OCP MX rule.
+
+    Tried on blocks of many magnitudes (some with amax an exact power of two, some just below one) against
+    :func:`qlab.scaled_floats.quantize_mxfp4`.
+    """
+    fn = as_function(fn, "mx_scale_code", "(blocks [n, 32]) -> e8m0 bytes [n]")
+    gen = torch.Generator().manual_seed(7)
+    blocks = torch.randn(24, 32, generator=gen) * 2.0 ** torch.randint(-20, 20, (24, 1), generator=gen)
+    blocks[0, 0], blocks[1, 0] = 4.0, 3.999  # an exact power of two, and just below one
+    ref = quantize_mxfp4(blocks).scale.reshape(-1).to(torch.int64)
+    got = call_answer(fn, "mx_scale_code", blocks.clone())
+    if not isinstance(got, torch.Tensor) or got.numel() != ref.numel() or got.is_complex():
+        form = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        hint = f"return one integer per block: a tensor of {ref.numel()} values, got {form}"
+        return report(False, "MXFP4 shared scale", hint, quiet=quiet)
+    got = got.reshape(-1).double()
+    if not bool(torch.isfinite(got).all()) or not torch.equal(got, got.round()):
+        return report(False, "MXFP4 shared scale", "the byte is an integer: floor the exponent", quiet=quiet)
+    got = got.to(torch.int64)
+    log2 = torch.log2(blocks.double().abs().amax(1))
+    if torch.equal(got, ref):
+        hint = ""
+    elif torch.equal(got, ref + 2):
+        hint = "subtract emax of e2m1 (2), so that the largest element lands in [4, 8) before rounding"
+    elif torch.equal(got, torch.round(log2).to(torch.int64) - 2 + 127):
+        hint = "the spec rounds the exponent down (floor), not to the nearest integer"
+    elif torch.equal(got, ref - 127):
+        hint = "e8m0 stores the exponent plus a bias of 127"
+    else:
+        hint = (
+            "per block, the exponent of amax = max |x| sets the scale X = 2^k: pick the integer k that puts "
+            "amax / X in e2m1's top binade [4, 8), then store k with e8m0's bias"
+        )
+    return report(not hint, "MXFP4 shared scale", hint, quiet=quiet)

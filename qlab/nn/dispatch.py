@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from qlab.affine import quantize_rows_int8
 from qlab.packing import unpack
+from qlab.scaled_floats import BLOCK_SCALED_MODES
 from qlab.tensor import per_group
 
 #: Rows of ``x`` from which CPU weight-only layers dequantize-in-tiles for a bf16 GEMM (measured
@@ -116,8 +117,12 @@ def _scale_zero(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     Every fast path computes ``s (u - z)``. A float-zero-domain layer (``w = s u + m``) is handed to
     them as ``z = -m / s`` (fp32, one rounding of ``m``: far below the paths' bf16 error), with
-    :data:`TINY_SCALE` standing in for a zero scale.
+    :data:`TINY_SCALE` standing in for a zero scale. MXFP4 / NVFP4 layers (scale bytes) are handed over
+    as an FP4 codebook layer: ``e2m1(q) * s = (6 s) * fp4_table[q]``.
     """
+    if layer.mode in BLOCK_SCALED_MODES:
+        # e2m1 values are 6x the FP4 table's: the paths see an FP4 codebook layer with fp32 scales 6 s.
+        return layer.block_scales() * 6, None
     if layer.zero is not None and layer.spec.float_zero:
         s, m = layer.scale.float(), layer.zero.float()
         s = torch.where(s == 0, torch.full_like(s, TINY_SCALE), s)
@@ -305,7 +310,8 @@ def _triton_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     assert kernels is not None
     n, k = layer.out_features, layer.in_features
     # symmetric layers pass zero=None (the kernel knows their offset); float zeros as integer-domain ones
-    scale, zero = _scale_zero(layer) if layer.spec.float_zero else (layer.scale, layer.zero)
+    scaled = layer.spec.float_zero or layer.mode in BLOCK_SCALED_MODES
+    scale, zero = _scale_zero(layer) if scaled else (layer.scale, layer.zero)
     scale = scale if scale.shape[0] == n else scale.expand(n, -1).contiguous()
     if zero is not None and zero.shape[0] != n:
         zero = zero.expand(n, -1).contiguous()
@@ -356,7 +362,8 @@ def _on_cpu(x: torch.Tensor) -> bool:
 
 
 def _weight_mode(layer: Layer) -> bool:
-    return layer.mode == "weight"
+    """Weight-only layers: integer or codebook codes, MXFP4 and NVFP4 (an FP4 codebook to the paths)."""
+    return layer.mode == "weight" or layer.mode in BLOCK_SCALED_MODES
 
 
 PATH_TABLE: dict[str, Path] = {

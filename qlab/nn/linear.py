@@ -5,6 +5,7 @@ A :class:`QuantLinear` stores a ``[out, in]`` weight as packed codes plus scales
     W[n, k] ≈ scale[n, k // g] * (q[n, k] - zero[n, k // g])      affine integers (RTN, HQQ, GPTQ, AWQ)
     W[n, k] ≈ scale[n, k // g] * table[q[n, k]]                    codebooks (NF4, FP4)
     W[n, k] ≈ scale[n] * fp8_e4m3(W[n, k] / scale[n])              FP8 weight-only
+    W[n, k] ≈ e2m1(q[n, k]) * decode(scale[n, k // g]) (* global)   MXFP4 (g 32, e8m0), NVFP4 (g 16, e4m3)
     y ≈ s_x s_w ⊙ (q_x q_wᵀ),  q_x = round(x / s_x) per token      W8A8 (int8 weights and activations)
 
 The codes live in the :mod:`qlab.packing` layout (packed along the input dim), so the buffers *are*
@@ -27,10 +28,17 @@ from qlab.affine import quantize_rtn
 from qlab.codebooks import codebook_table
 from qlab.packing import PACK_BITS, pack, packed_length, unpack
 from qlab.quantize import quantize
+from qlab.scaled_floats import (
+    BLOCK_SCALED_MODES,
+    ScaledTensor,
+    decode_scales,
+    get_scaled_format,
+    quantize_scaled,
+)
 from qlab.tensor import QuantizedTensor, QuantSpec, check_finite, dtype_name, parse_dtype
 
-Mode = Literal["weight", "fp8", "w8a8"]
-MODES: tuple[str, ...] = ("weight", "fp8", "w8a8")
+Mode = Literal["weight", "fp8", "w8a8", "mxfp4", "nvfp4"]
+MODES: tuple[str, ...] = ("weight", "fp8", "w8a8", *BLOCK_SCALED_MODES)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 #: W8A8 and FP8 layers keep one scale per output row in an 8-bit symmetric per-channel spec.
 INT8_CHANNEL = QuantSpec.per_channel(8, symmetric=True, axis=0)
@@ -68,7 +76,11 @@ class QuantLinear(nn.Module):
     Args:
         in_features, out_features: the weight is ``[out_features, in_features]``.
         spec: how the weight is quantized (FP8 and W8A8 use an 8-bit per-channel spec for their scales).
-        mode: ``"weight"`` (weight-only integers or codebook), ``"fp8"`` or ``"w8a8"``.
+        mode: ``"weight"`` (weight-only integers or codebook), ``"fp8"``, ``"w8a8"``, or a block-scaled
+            4-bit float, ``"mxfp4"`` / ``"nvfp4"`` (:mod:`qlab.scaled_floats`): e2m1 codes packed like
+            FP4, ``scale`` holds the stored scale *bytes* (e8m0 / e4m3) and NVFP4 adds an fp32
+            ``global_scale``. The reference path decodes them exactly; the CPU and CUDA fast paths run
+            them as an FP4 codebook layer with the decoded fp32 scales (``6 * scale``, table ``/ 6``).
         bias: whether there is a bias.
         input_scale: whether there is a per-input-channel divisor (AWQ/SmoothQuant): the layer
             computes ``Ŵ (x / input_scale)``.
@@ -114,6 +126,8 @@ class QuantLinear(nn.Module):
             spec.bits == 8 and spec.symmetric and spec.granularity == "channel"
         ):
             raise ValueError(f"mode {mode!r} needs an int8 symmetric per-channel spec, got {spec.describe()}")
+        if mode in BLOCK_SCALED_MODES and spec != get_scaled_format(mode).spec((out_features, in_features)):
+            raise ValueError(f"mode {mode!r} needs the spec {get_scaled_format(mode).spec((1, in_features))}")
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
@@ -129,7 +143,10 @@ class QuantLinear(nn.Module):
         else:
             nbytes = packed_length(in_features, spec.bits)
             self.register_buffer("qweight", torch.zeros(out_features, nbytes, dtype=torch.uint8, **kw))
-        self.register_buffer("scale", torch.ones(scale_shape, dtype=spec.scale_dtype, **kw))
+        scale_dtype = torch.uint8 if mode in BLOCK_SCALED_MODES else spec.scale_dtype  # scale bytes
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=scale_dtype, **kw))
+        has_global = mode in BLOCK_SCALED_MODES and get_scaled_format(mode).global_scale
+        self.register_buffer("global_scale", torch.ones((), **kw) if has_global else None)
         has_zero = mode == "weight" and not spec.symmetric and spec.codebook is None
         self.register_buffer(
             "zero", torch.zeros(scale_shape, dtype=spec.scale_dtype, **kw) if has_zero else None
@@ -189,13 +206,21 @@ class QuantLinear(nn.Module):
             raise ValueError(
                 "double-quantized scales are not supported by QuantLinear; use double_quant=False"
             )
-        if qt.spec.codebook is not None and qt.codebook is not None:
+        mode: Mode = "weight"
+        if isinstance(qt, ScaledTensor):
+            if qt.fmt.name not in BLOCK_SCALED_MODES:
+                raise ValueError(
+                    f"QuantLinear stores the scaled formats {BLOCK_SCALED_MODES}, got {qt.fmt.name}"
+                )
+            mode = qt.fmt.name  # type: ignore[assignment]
+        elif qt.spec.codebook is not None and qt.codebook is not None:
             if not torch.equal(qt.codebook.float().cpu(), codebook_table(qt.spec.codebook)):
                 raise ValueError(f"qt.codebook differs from the standard {qt.spec.codebook} table")
         mod = cls(
             in_f,
             out_f,
             qt.spec,
+            mode=mode,
             bias=bias is not None,
             input_scale=input_scale is not None,
             weight_dtype=weight_dtype,
@@ -221,6 +246,10 @@ class QuantLinear(nn.Module):
             if qt.zero is None:
                 raise ValueError("qt has no zero-point but its spec is asymmetric")
             self.zero = qt.zero.detach().clone()
+        if self.global_scale is not None:
+            if not isinstance(qt, ScaledTensor) or qt.global_scale is None:
+                raise ValueError(f"a {self.mode} layer needs a ScaledTensor with a global scale")
+            self.global_scale = qt.global_scale.detach().float().reshape(()).clone()
         self._cache.clear()
 
     @classmethod
@@ -234,8 +263,9 @@ class QuantLinear(nn.Module):
             spec_or_recipe: a :class:`~qlab.tensor.QuantSpec` (round-to-nearest or codebook, in
                 ``mode``), or a recipe such as :class:`qlab.QuantConfig` (any data-free method of the
                 registry: ``QuantLinear.from_linear(layer, QuantConfig("hqq", 4, 64))``).
-            mode: with a spec: ``"weight"``, ``"fp8"`` (one amax/448 scale per row) or ``"w8a8"``
-                (int8 per-channel weights, int8 per-token activations).
+            mode: with a spec: ``"weight"``, ``"fp8"`` (one amax/448 scale per row), ``"w8a8"``
+                (int8 per-channel weights, int8 per-token activations), ``"mxfp4"`` or ``"nvfp4"`` (the
+                spec is then ignored: the format fixes it).
         """
         if not is_linear(linear):
             raise TypeError(
@@ -260,6 +290,10 @@ class QuantLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         if mode == "fp8":
             return cls._from_fp8(linear, w, bias)
+        if mode in BLOCK_SCALED_MODES:
+            st = quantize_scaled(w, mode)
+            st.dtype = linear.weight.dtype
+            return cls.from_quantized(linear, st, bias)
         if mode == "w8a8":
             qt = quantize_rtn(w, INT8_CHANNEL)
             mod = cls(
@@ -302,10 +336,18 @@ class QuantLinear(nn.Module):
         return self.spec.block_size((self.out_features, self.in_features))[1]
 
     def quantized_tensor(self) -> QuantizedTensor:
-        """The stored weight as a :class:`~qlab.quantize.QuantizedTensor` (not for FP8)."""
+        """The stored weight as a :class:`~qlab.quantize.QuantizedTensor` (not for FP8); a
+        :class:`~qlab.scaled_floats.ScaledTensor` for MXFP4 / NVFP4."""
         if self.mode == "fp8":
             raise ValueError("an fp8 layer holds float8 values, not integer codes; use dequantize()")
         codes = unpack(self.qweight, self.spec.bits, self.in_features)
+        if self.mode in BLOCK_SCALED_MODES:
+            fmt = get_scaled_format(self.mode)
+            return ScaledTensor(
+                codes, self.scale, None, self.spec, torch.Size((self.out_features, self.in_features)),
+                self.weight_dtype, codebook=fmt.table().to(codes.device), fmt=fmt,
+                global_scale=self.global_scale,
+            )  # fmt: skip
         if self.spec.code_dtype == torch.int8:
             codes = (codes.to(torch.int16) - 2 ** (self.spec.bits - 1)).to(torch.int8)
         return QuantizedTensor(
@@ -335,7 +377,7 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes of storage: packed codes + scales + zeros (+ bias, input scale)."""
-        ts = (self.qweight, self.scale, self.zero, self.bias, self.input_scale)
+        ts = (self.qweight, self.scale, self.zero, self.global_scale, self.bias, self.input_scale)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def runtime_nbytes(self) -> int:
@@ -357,6 +399,10 @@ class QuantLinear(nn.Module):
             return "fp8 e4m3 per-channel"
         if self.mode == "w8a8":
             return "w8a8 int8 per-channel, per-token activations"
+        if self.mode == "mxfp4":
+            return "mxfp4 (e2m1, e8m0 scale per 32)"
+        if self.mode == "nvfp4":
+            return "nvfp4 (e2m1, e4m3 scale per 16, fp32 per tensor)"
         return self.spec.describe()
 
     def extra_repr(self) -> str:
@@ -401,10 +447,20 @@ class QuantLinear(nn.Module):
 
     def check_finite(self, name: str = "layer") -> None:
         """Raise a ValueError naming the tensor if a stored scale, zero-point or input scale is NaN/Inf."""
-        for attr in ("scale", "zero", "input_scale"):
+        for attr in ("scale", "zero", "global_scale", "input_scale"):
             t = getattr(self, attr)
             if t is not None:
                 check_finite(t, f"{name}.{attr}")
+        if self.mode in BLOCK_SCALED_MODES:  # scale bytes: e8m0 0xFF and e4m3 S.1111.111 are NaN
+            check_finite(self.block_scales(), f"{name}.scale")
+
+    def block_scales(self) -> torch.Tensor:
+        """MXFP4 / NVFP4: the decoded fp32 per-block scales ``[out, in / g]``, global scale included."""
+        if self.mode not in BLOCK_SCALED_MODES:
+            raise ValueError(
+                f"block_scales() is for the modes {BLOCK_SCALED_MODES}, this layer is {self.mode!r}"
+            )
+        return decode_scales(self.scale, get_scaled_format(self.mode), self.global_scale)
 
     def after_load(self) -> None:
         """Rebuild what is derived from the spec (the codebook table) after tensors were assigned."""
