@@ -111,7 +111,12 @@ LAYER_KINDS = [
     ("w8a8", 8, None),
     ("gptq", 4, 32),
     ("awq", 4, 32),
+    ("mxfp4", 4, 32),
+    ("nvfp4", 4, 16),
 ]
+
+
+MODES = {"fp8": "fp8", "w8a8": "w8a8", "mxfp4": "mxfp4", "nvfp4": "nvfp4"}
 
 
 @pytest.mark.parametrize(
@@ -128,7 +133,7 @@ def test_every_quantlinear_method_takes_adapters(float_dir, method, bits, group_
         model = lora_model(float_dir, method, bits, group_size)
     wrapped = [m for m in model.modules() if isinstance(m, qpeft.QlabLoraLinear)]
     base = wrapped[0].get_base_layer()
-    assert isinstance(base, QuantLinear) and base.mode == {"fp8": "fp8", "w8a8": "w8a8"}.get(method, "weight")
+    assert isinstance(base, QuantLinear) and base.mode == MODES.get(method, "weight")
     assert wrapped[0].lora_A["default"].weight.dtype == torch.float32  # not the fp8/uint8 storage dtype
     x = batch(1)
     model(input_ids=x, labels=x).loss.backward()
