@@ -68,3 +68,57 @@ def test_bad_inputs() -> None:
         smooth_scales(torch.ones(64), lin.weight, alpha=2.0)
     with pytest.raises(ValueError, match="to match act_absmax"):
         smooth_scales(torch.ones(63), lin.weight)
+
+
+class PostNorm(nn.Module):
+    """A BERT-style post-norm block: ``norm1``'s output feeds ``up`` *and* the residual of ``norm2``."""
+
+    def __init__(self, d: int = 32, h: int = 64) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        return self.norm2(y + self.down(torch.nn.functional.gelu(self.up(y))))
+
+
+class PreNorm(PostNorm):
+    """The same layers, pre-norm: the residual is ``x``, so ``norm1`` feeds ``up`` only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(self.norm1(x)))))
+
+
+def smoothed_float(block: nn.Module, calib: torch.Tensor, alpha: float) -> tuple[nn.Module, set[str]]:
+    """The pass's float rewrite (weights ``W·s``, folds), with the kept input scales applied by hooks."""
+    from qlab.methods.passes import smoothquant_pass
+    from qlab.tensor import QuantSpec
+
+    res = smoothquant_pass(
+        block, calib, {"up", "down"}, lambda _n: QuantSpec.per_channel(8, symmetric=True), {"alpha": alpha},
+        progress=False,
+    )  # fmt: skip
+    for name, s in res.input_scales.items():
+        block.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=s: (a[0] / s,))
+    return block, set(res.input_scales)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_smoothquant_rewrite_is_exact_in_float_post_and_pre_norm(alpha: float) -> None:
+    torch.manual_seed(5)
+    calib = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(6))
+    calib[..., 3] *= 30  # an outlier input feature
+    for cls in (PostNorm, PreNorm):
+        block = cls().eval()
+        with torch.no_grad():
+            block.norm1.weight.mul_(torch.rand(32) * 3 + 0.1)  # uneven, as trained norms are
+            ref = block(calib)
+        norm_before = block.norm1.weight.detach().clone()
+        smoothed, kept = smoothed_float(block, calib, alpha)
+        with torch.no_grad():
+            torch.testing.assert_close(smoothed(calib), ref, rtol=1e-4, atol=1e-4)
+        if cls is PostNorm:  # folding into norm1 would rescale the residual: up keeps its input scale
+            assert "up" in kept and torch.equal(block.norm1.weight, norm_before)
+        else:  # pre-norm: the fold is exact, so up needs no input scale
+            assert "up" not in kept and not torch.equal(block.norm1.weight, norm_before)
