@@ -122,3 +122,36 @@ def test_smoothquant_rewrite_is_exact_in_float_post_and_pre_norm(alpha: float) -
             assert "up" in kept and torch.equal(block.norm1.weight, norm_before)
         else:  # pre-norm: the fold is exact, so up needs no input scale
             assert "up" not in kept and not torch.equal(block.norm1.weight, norm_before)
+
+
+def test_smoothquant_on_a_tiny_bert_keeps_the_model_and_runs_it_once() -> None:
+    from transformers import BertConfig, BertModel
+
+    from qlab.methods.passes import smoothquant_pass
+    from qlab.tensor import QuantSpec
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    bert = BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = bert(input_ids=ids).last_hidden_state
+    targets = {n for n, m in bert.named_modules() if isinstance(m, nn.Linear)}
+    calls = []
+    bert.register_forward_hook(lambda *_: calls.append(1))
+    res = smoothquant_pass(
+        bert,
+        ids,
+        targets,
+        lambda _n: QuantSpec.per_channel(8, symmetric=True),
+        {"alpha": 0.5},
+        progress=False,
+    )
+    # Post-norm: every LayerNorm output is also a residual, so nothing folds and no re-run is needed.
+    assert set(res.input_scales) == targets and len(calls) == 1
+    for name, s in res.input_scales.items():
+        bert.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=s: (a[0] / s,))
+    with torch.no_grad():
+        torch.testing.assert_close(bert(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)

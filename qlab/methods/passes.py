@@ -185,6 +185,17 @@ def _groups(
                     norm_out[out.data_ptr()] = (mod, out)  # holding ``out`` keeps its address unique
 
             handles.append(m.register_forward_hook(post))
+    # Which modules receive each norm output: a module outside the group's linears and their parents
+    # (BERT's BertOutput, given the norm output as its residual ``input_tensor``) uses it elsewhere.
+    receivers: dict[int, set[str]] = {}
+    for name, m in block.named_modules():
+
+        def pre(_mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            for t in (*args, *kwargs.values()):
+                if isinstance(t, torch.Tensor) and t.data_ptr() in norm_out:
+                    receivers.setdefault(t.data_ptr(), set()).add(name)
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with capture_inputs(all_linears) as seen:
             state = _run_block(run, model, i, block, state)
@@ -207,13 +218,24 @@ def _groups(
         producer: nn.Module | None = None
         if len(members) == len(names):  # a skipped layer reading the same tensor would be changed too
             if source in norm_out:
-                producer = norm_out[source][0]
-                fold = _fold_into_norm(producer)
+                used_elsewhere = source == _hidden(state).data_ptr()  # it is the block's output
+                if not used_elsewhere and receivers.get(source, set()) <= _with_parents(members):
+                    producer = norm_out[source][0]
+                    fold = _fold_into_norm(producer)
             elif len(members) == 1:
                 producer = _previous_linear(members[0], all_linears)
                 fold = None if producer is None else _fold_into_previous(producer)
         groups.append(_Group(members, seen[members[0]].cat(), fold, producer))
     return groups, state
+
+
+def _with_parents(names: list[str]) -> set[str]:
+    """The dotted names and every prefix of them (``"a.b.c"`` -> ``"a.b.c"``, ``"a.b"``, ``"a"``, ``""``)."""
+    out = {""}
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return out
 
 
 def _fold_into_norm(norm: nn.Module) -> Callable[[torch.Tensor], None]:
@@ -264,7 +286,9 @@ def _apply_scales(
 
     A fold into a norm is exact only if the norm's output feeds nothing but the group's linears. In a
     post-norm block (BERT) that output is also the residual stream, and dividing it by ``s`` changes the
-    model. Such a group keeps ``s`` as the layer's input scale (``grp.fold = None``) instead. An exact
+    model. :func:`_groups` already refuses folds into a norm whose output some other module receives;
+    this check also catches a residual added inside a common parent's ``forward``. Such a group keeps
+    ``s`` as the layer's input scale (``grp.fold = None``) instead. An exact
     rewrite moves the output by float rounding; a wrong fold moves it by O(1), so the tolerance
     (relative L2 1e-3 for fp32, 5e-2 for 16-bit weights) separates the two.
     """
