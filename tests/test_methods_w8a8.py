@@ -155,3 +155,32 @@ def test_smoothquant_on_a_tiny_bert_keeps_the_model_and_runs_it_once() -> None:
         bert.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=s: (a[0] / s,))
     with torch.no_grad():
         torch.testing.assert_close(bert(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_on_a_tiny_llama_folds_everything_and_keeps_the_model() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlab.methods.passes import smoothquant_pass
+    from qlab.tensor import QuantSpec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    llama = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.2)
+        ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+        ref = llama(input_ids=ids).logits
+    targets = {n for n, m in llama.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    res = smoothquant_pass(
+        llama, ids, targets, lambda _n: QuantSpec.per_channel(8), {"alpha": 0.5}, progress=False
+    )
+    # Pre-norm: q/k/v and gate/up fold into their norms, down into up's rows; o_proj keeps its scale.
+    assert set(res.input_scales) == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    for name, s in res.input_scales.items():
+        llama.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=s: (a[0] / s,))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -287,10 +287,11 @@ def _apply_scales(
     A fold into a norm is exact only if the norm's output feeds nothing but the group's linears. In a
     post-norm block (BERT) that output is also the residual stream, and dividing it by ``s`` changes the
     model. :func:`_groups` already refuses folds into a norm whose output some other module receives;
-    this check also catches a residual added inside a common parent's ``forward``. Such a group keeps
-    ``s`` as the layer's input scale (``grp.fold = None``) instead. An exact
-    rewrite moves the output by float rounding; a wrong fold moves it by O(1), so the tolerance
-    (relative L2 1e-3 for fp32, 5e-2 for 16-bit weights) separates the two.
+    this check also catches a residual added inside a common parent's ``forward``, and a fold into a
+    previous ``up`` linear through a nonlinearity (``down(act(up(x)))``, not a gated MLP). Such a group
+    keeps ``s`` as the layer's input scale (``grp.fold = None``) instead. An exact rewrite moves the
+    output by float rounding; a wrong fold moves it by O(1), so the tolerance (relative L2 1e-3 for
+    fp32, 5e-2 for 16-bit weights) separates the two.
     """
     ref = _hidden(reference)
     tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
@@ -312,30 +313,30 @@ def _apply_scales(
         for p, data in saved:
             p.data = data
 
-    if not any(grp.fold is not None for grp, _ in plans):
-        for grp, s in plans:
-            scale(grp, s)
-        return
+    # A group that keeps its scale as an input scale (no fold) divides its input at run time, which this
+    # float block does not do: scale its weights only after the checks.
     touched = [linears[n] for grp, _ in plans for n in grp.names]
     touched += [grp.producer for grp, _ in plans if grp.producer is not None]
-    saved = snapshot(touched)
+    saved = snapshot(touched) if any(grp.fold is not None for grp, _ in plans) else []
     for grp, s in plans:
-        scale(grp, s)
         if grp.fold is not None:
+            scale(grp, s)
             grp.fold(s)
-    if exact():
-        return
-    # Some fold changed the block: redo the groups one at a time and drop each fold that breaks it.
-    restore(saved)
+    if saved and not exact():
+        # Some fold changed the block: redo the folds one at a time and drop each one that breaks it.
+        restore(saved)
+        for grp, s in plans:
+            if grp.fold is None or grp.producer is None:
+                continue
+            before = snapshot([grp.producer, *(linears[n] for n in grp.names)])
+            scale(grp, s)
+            grp.fold(s)
+            if not exact():
+                restore(before)
+                grp.fold = None
     for grp, s in plans:
-        scale(grp, s)
-        if grp.fold is None or grp.producer is None:
-            continue
-        before = snapshot([grp.producer])
-        grp.fold(s)
-        if not exact():
-            restore(before)
-            grp.fold = None
+        if grp.fold is None:
+            scale(grp, s)
 
 
 def _scaled_pass(
