@@ -1,4 +1,5 @@
-"""Lessons 04 and 08: each reference solution passes its check, and a typical wrong answer fails."""
+"""Lesson 08: each reference solution passes its check, and a typical wrong answer fails (lesson 04's are in
+test_exercises_04.py)."""
 
 from __future__ import annotations
 
@@ -6,59 +7,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qlab.config import QuantConfig
 from qlab.driver import quantize_model
-from qlab.exercises import lesson04 as L4
 from qlab.exercises import lesson08 as L8
 from qlab.io import load_quantized, save_quantized
-
-
-@pytest.fixture
-def weight() -> torch.Tensor:
-    return torch.randn(12, 20, generator=torch.Generator().manual_seed(0))
-
-
-def test_channel_scales(weight):
-    assert L4.check_channel_scales(weight, weight.abs().amax(dim=1) / 127, quiet=True)
-    assert L4.check_channel_scales(weight, weight.abs().amax(dim=1, keepdim=True) / 127, quiet=True)
-    wrong = L4.check_channel_scales(weight, weight.abs().amax(dim=1) / 255, quiet=True)
-    assert not wrong and "127" in wrong.message
-    assert not L4.check_channel_scales(weight, weight.abs().amax(dim=0) / 127, quiet=True)
-    with pytest.raises(TypeError, match="scales"):
-        L4.check_channel_scales(weight, [1.0])
-
-
-def test_w8a16_forward():
-    def reference(x, q, scale, bias):
-        return F.linear(x, q.float() * scale[:, None], bias)
-
-    def no_bias(x, q, scale, bias):
-        return F.linear(x, q.float() * scale[:, None])
-
-    def codes_only(x, q, scale, bias):
-        return F.linear(x, q.float(), bias)
-
-    assert L4.check_w8a16_forward(reference, quiet=True)
-    assert "bias" in L4.check_w8a16_forward(no_bias, quiet=True).message
-    assert not L4.check_w8a16_forward(codes_only, quiet=True)
-    assert "raised" in L4.check_w8a16_forward(lambda *a: 1 / 0, quiet=True).message
-
-
-def test_token_scales():
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
-    assert L4.check_token_scales(x, x.abs().amax(dim=-1) / 127, quiet=True)
-    assert not L4.check_token_scales(x, x.abs().amax(dim=0) / 127, quiet=True)
-    assert not L4.check_token_scales(x, x.abs().max().expand(5) / 127, quiet=True)
-
-
-def test_w8a16_bytes():
-    assert L4.check_w8a16_bytes(576, 1536, 576 * 1536 + 4 * 576, quiet=True)
-    assert "scales" in L4.check_w8a16_bytes(576, 1536, 576 * 1536, quiet=True).message
-    with pytest.raises(ValueError, match="out_features"):
-        L4.check_w8a16_bytes(0, 3, 1)
 
 
 def test_model_bytes():

@@ -16,11 +16,14 @@ decoder-layer list are treated as a single block.
 * AWQ and SmoothQuant run the float block once, group its linears by the tensor they read, search
   one input scale per group, and fold ``1/s`` into the op that produced that tensor (a norm, or the
   previous linear's rows for ``up_proj -> down_proj``); where nothing can absorb it, the layer keeps
-  it as an input scale. The float output is the next block's input (scaling preserves it).
+  it as an input scale. A fold is kept only if the float block's output is unchanged by it: a post-norm
+  block (BERT) also adds the norm's output to the residual stream, so there the layer keeps the scale.
+  The float output is the next block's input (scaling preserves it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +165,8 @@ class _Group:
     names: list[str]
     x: torch.Tensor
     fold: Callable[[torch.Tensor], None] | None
+    #: The module ``fold`` changes (a norm, or the previous linear).
+    producer: nn.Module | None = None
 
 
 def _groups(
@@ -180,6 +185,17 @@ def _groups(
                     norm_out[out.data_ptr()] = (mod, out)  # holding ``out`` keeps its address unique
 
             handles.append(m.register_forward_hook(post))
+    # Which modules receive each norm output: a module outside the group's linears and their parents
+    # (BERT's BertOutput, given the norm output as its residual ``input_tensor``) uses it elsewhere.
+    receivers: dict[int, set[str]] = {}
+    for name, m in block.named_modules():
+
+        def pre(_mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            for t in (*args, *kwargs.values()):
+                if isinstance(t, torch.Tensor) and t.data_ptr() in norm_out:
+                    receivers.setdefault(t.data_ptr(), set()).add(name)
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with capture_inputs(all_linears) as seen:
             state = _run_block(run, model, i, block, state)
@@ -199,13 +215,27 @@ def _groups(
         if not members:
             continue
         fold: Callable[[torch.Tensor], None] | None = None
+        producer: nn.Module | None = None
         if len(members) == len(names):  # a skipped layer reading the same tensor would be changed too
             if source in norm_out:
-                fold = _fold_into_norm(norm_out[source][0])
+                used_elsewhere = source == _hidden(state).data_ptr()  # it is the block's output
+                if not used_elsewhere and receivers.get(source, set()) <= _with_parents(members):
+                    producer = norm_out[source][0]
+                    fold = _fold_into_norm(producer)
             elif len(members) == 1:
-                fold = _fold_into_previous(block, members[0], all_linears)
-        groups.append(_Group(members, seen[members[0]].cat(), fold))
+                producer = _previous_linear(members[0], all_linears)
+                fold = None if producer is None else _fold_into_previous(producer)
+        groups.append(_Group(members, seen[members[0]].cat(), fold, producer))
     return groups, state
+
+
+def _with_parents(names: list[str]) -> set[str]:
+    """The dotted names and every prefix of them (``"a.b.c"`` -> ``"a.b.c"``, ``"a.b"``, ``"a"``, ``""``)."""
+    out = {""}
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return out
 
 
 def _fold_into_norm(norm: nn.Module) -> Callable[[torch.Tensor], None]:
@@ -218,23 +248,95 @@ def _fold_into_norm(norm: nn.Module) -> Callable[[torch.Tensor], None]:
     return fold
 
 
-def _fold_into_previous(
-    block: nn.Module, name: str, linears: dict[str, nn.Linear]
-) -> Callable[[torch.Tensor], None] | None:
+def _previous_linear(name: str, linears: dict[str, nn.Linear]) -> nn.Linear | None:
+    """The sibling ``up`` of a ``down`` linear (``FOLD_INTO_PREVIOUS``), if its width matches."""
     parent, _, leaf = name.rpartition(".")
     for prev_leaf, next_leaf in FOLD_INTO_PREVIOUS:
         if leaf == next_leaf:
-            prev_name = f"{parent}.{prev_leaf}" if parent else prev_leaf
-            prev = linears.get(prev_name)
+            prev = linears.get(f"{parent}.{prev_leaf}" if parent else prev_leaf)
             if prev is not None and prev.out_features == linears[name].in_features:
-
-                def fold(s: torch.Tensor, prev: nn.Linear = prev) -> None:
-                    prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
-                    if prev.bias is not None:
-                        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
-
-                return fold
+                return prev
     return None
+
+
+def _fold_into_previous(prev: nn.Linear) -> Callable[[torch.Tensor], None]:
+    def fold(s: torch.Tensor) -> None:
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+
+    return fold
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """The main tensor of a block's (or a model's) output: itself, or the first of a tuple/ModelOutput."""
+    while not isinstance(out, torch.Tensor):
+        out = out[0]
+    return out
+
+
+def _apply_scales(
+    plans: list[tuple[_Group, torch.Tensor]],
+    linears: dict[str, nn.Linear],
+    rerun: Callable[[], Any],
+    reference: Any,
+) -> None:
+    """Multiply each group's weights by ``s`` and fold ``1/s`` into its producer, keeping only folds that
+    leave the float block's output unchanged.
+
+    A fold into a norm is exact only if the norm's output feeds nothing but the group's linears. In a
+    post-norm block (BERT) that output is also the residual stream, and dividing it by ``s`` changes the
+    model. :func:`_groups` already refuses folds into a norm whose output some other module receives;
+    this check also catches a residual added inside a common parent's ``forward``, and a fold into a
+    previous ``up`` linear through a nonlinearity (``down(act(up(x)))``, not a gated MLP). Such a group
+    keeps ``s`` as the layer's input scale (``grp.fold = None``) instead. An exact rewrite moves the
+    output by float rounding; a wrong fold moves it by O(1), so the tolerance (relative L2 1e-3 for
+    fp32, 5e-2 for 16-bit weights) separates the two.
+    """
+    ref = _hidden(reference)
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+
+    def exact() -> bool:
+        with torch.no_grad():
+            out = _hidden(rerun()).float()
+        return bool((out - ref.float()).norm() <= tol * ref.float().norm())
+
+    def scale(grp: _Group, s: torch.Tensor) -> None:
+        for n in grp.names:
+            lin = linears[n]
+            lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
+
+    def snapshot(mods: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(p, p.data.clone()) for m in mods for p in m.parameters(recurse=False)]
+
+    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p, data in saved:
+            p.data = data
+
+    # A group that keeps its scale as an input scale (no fold) divides its input at run time, which this
+    # float block does not do: scale its weights only after the checks.
+    touched = [linears[n] for grp, _ in plans for n in grp.names]
+    touched += [grp.producer for grp, _ in plans if grp.producer is not None]
+    saved = snapshot(touched) if any(grp.fold is not None for grp, _ in plans) else []
+    for grp, s in plans:
+        if grp.fold is not None:
+            scale(grp, s)
+            grp.fold(s)
+    if saved and not exact():
+        # Some fold changed the block: redo the folds one at a time and drop each one that breaks it.
+        restore(saved)
+        for grp, s in plans:
+            if grp.fold is None or grp.producer is None:
+                continue
+            before = snapshot([grp.producer, *(linears[n] for n in grp.names)])
+            scale(grp, s)
+            grp.fold(s)
+            if not exact():
+                restore(before)
+                grp.fold = None
+    for grp, s in plans:
+        if grp.fold is None:
+            scale(grp, s)
 
 
 def _scaled_pass(
@@ -249,11 +351,12 @@ def _scaled_pass(
     result = QuantizationResult(method)
     blocks, run, state = _blocks(model, calibration)
     for i, (prefix, block) in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress)):
+        block_input = state
         groups, state = _groups(model, block, prefix, targets, run, i, state)
         linears = linear_modules(block)
+        # Phase 1: search every group's scale, then apply them all in float (a fold may touch another
+        # group's rows, so no layer is quantized before all scales are in place).
         plans = []
-        # Phase 1: search and apply every group's scale in float (a fold may touch another group's
-        # rows, so no layer is quantized before all scales are in place).
         for grp in groups:
             ws = [linears[n].weight.detach().float() for n in grp.names]
             if method == "awq":
@@ -261,12 +364,9 @@ def _scaled_pass(
                 s = awq_search(ws, grp.x, spec, grid=kw.get("grid", 20)).scale
             else:
                 s = smooth_scales(grp.x.abs().amax(dim=0), ws, alpha=kw.get("alpha", 0.5))
-            for n in grp.names:
-                lin = linears[n]
-                lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
-            if grp.fold is not None:
-                grp.fold(s)
             plans.append((grp, s))
+        rerun = functools.partial(_run_block, run, model, i, block, block_input)
+        _apply_scales(plans, linears, rerun, state)
         # Phase 2: quantize.
         for grp, s in plans:
             for n in grp.names:
