@@ -368,3 +368,24 @@ def test_float_zero_spec_round_trips_and_rejects_symmetric():
         QuantSpec.per_group(4, 32, symmetric=True, zero_domain="float")
     with pytest.raises(ValueError, match="zero_domain"):
         QuantSpec.per_group(4, 32, zero_domain="half")
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8, 24, 40, 16, 48])
+def test_torch_int8_path_only_takes_group_widths_its_op_handles(group_size):
+    # torch 2.13's CPU _weight_int8pack_mm returns garbage when the reduction width is not a multiple of
+    # 16 (and crashes below 8): the dispatch must never hand it such a group, forced or automatic.
+    torch.manual_seed(0)
+    linear = nn.Linear(240, 32)
+    layer = QuantLinear.from_linear(linear, QuantSpec.per_group(bits=8, group_size=group_size))
+    x = torch.randn(3, 240)
+    fits = group_size % 16 == 0
+    assert PATH_TABLE["torch_int8"].fits(layer, x) == fits
+    with use_path("reference"), torch.no_grad():
+        ref = layer(x)
+    if fits:
+        with use_path("torch_int8"), torch.no_grad():
+            torch.testing.assert_close(layer(x), ref, rtol=2e-2, atol=2e-2)  # bf16 activations
+    else:
+        with pytest.raises(ValueError, match="use_path\\('torch_int8'\\) cannot run"), use_path("torch_int8"):
+            layer(x)
+    assert select_path(layer, x) != "torch_int8" or fits

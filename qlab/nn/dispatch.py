@@ -366,6 +366,15 @@ def _weight_mode(layer: Layer) -> bool:
     return layer.mode == "weight" or layer.mode in BLOCK_SCALED_MODES
 
 
+def _int8pack_fits(layer: Layer) -> bool:
+    """torch's CPU ``_weight_int8pack_mm`` (torch 2.13) reads past the row when the reduction width is not
+    a multiple of 16: garbage at K = 8, 24, 40, a segfault below 8. So each group of inputs must be."""
+    if not _weight_mode(layer):
+        return False
+    groups = layer.scale.shape[1] if layer.scale.dim() == 2 else 1
+    return layer.in_features % groups == 0 and (layer.in_features // groups) % 16 == 0
+
+
 PATH_TABLE: dict[str, Path] = {
     p.name: p
     for p in (
@@ -400,7 +409,7 @@ PATH_TABLE: dict[str, Path] = {
             "torch._weight_int4pack_mm_for_cpu",
         ),
         Path(
-            "torch_int8", lambda layer, x: _on_cpu(x) and _weight_mode(layer), _int8_groups_forward,
+            "torch_int8", lambda layer, x: _on_cpu(x) and _int8pack_fits(layer), _int8_groups_forward,
             "torch._weight_int8pack_mm per group + zero-point term",
         ),
         Path(
@@ -470,7 +479,7 @@ def select_path(layer: Layer, x: torch.Tensor) -> str:
         return "torch_fp8_bf16"
     if _int4_group(layer) is not None:
         return "torch_int4"
-    return "torch_int8"
+    return "torch_int8" if _int8pack_fits(layer) else "reference"
 
 
 #: Input rows :func:`prepare` builds caches for by default: one token (decode) and a prompt (prefill).
