@@ -6,10 +6,13 @@ of the tokens before it; the most recent ``--residual`` tokens stay in float. Th
 transformers' ``DynamicCache`` (fp32 states) on the same windows. SmolLM2's "fp32" weights are
 SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF (the official release is bf16).
 
+Per-token rows group ``--group`` channels of a token, per-channel rows ``--group`` tokens of a
+channel: the same number of scales and offsets per element, so only the grouping differs.
+
 Also measures why keys want per-channel groups: for every layer and KV head, the largest
 per-channel absolute maximum of K (and V) over the median channel's, on one window.
 
-    python benchmarks/kv_cache.py [--seq-len 2048] [--windows 4] [--json lessons/data/kv_cache.json]
+    python benchmarks/kv_cache.py [--seq-len 1024] [--windows 2] [--chunk 128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,18 +35,16 @@ from qlab.kvcache import KVQuantSpec, QuantizedKVCache, cache_nbytes, streamed_n
 
 def configs(group: int) -> dict[str, tuple[KVQuantSpec, KVQuantSpec] | None]:
     """Rows of the table: ``None`` is the float cache; else (key spec, value spec)."""
-    tok = lambda b: KVQuantSpec(b, "token")  # noqa: E731 - a row label, not an API
+    tok = lambda b: KVQuantSpec(b, "token", group)  # noqa: E731 - a row label, not an API
     ch = lambda b: KVQuantSpec(b, "channel", group)  # noqa: E731
-    return {
-        "fp32 (DynamicCache)": None,
-        "int8 K per-token, V per-token": (tok(8), tok(8)),
-        "int8 K per-channel, V per-channel": (ch(8), ch(8)),
-        "int4 K per-token, V per-token": (tok(4), tok(4)),
-        "int4 K per-channel, V per-channel": (ch(4), ch(4)),
-        "int4 K per-token, V per-channel": (tok(4), ch(4)),
-        "int4 K per-channel, V per-token (KIVI)": (ch(4), tok(4)),
-        "int2 K per-channel, V per-token (KIVI)": (ch(2), tok(2)),
-    }
+    rows: dict[str, tuple[KVQuantSpec, KVQuantSpec] | None] = {"fp32 (DynamicCache)": None}
+    rows["int8 K per-token, V per-token"] = (tok(8), tok(8))
+    for b in (4, 2):
+        rows[f"int{b} K per-token, V per-token"] = (tok(b), tok(b))
+        rows[f"int{b} K per-channel, V per-channel"] = (ch(b), ch(b))
+        rows[f"int{b} K per-token, V per-channel"] = (tok(b), ch(b))
+        rows[f"int{b} K per-channel, V per-token (KIVI)"] = (ch(b), tok(b))
+    return rows
 
 
 def outlier_ratios(model: Any, window: torch.Tensor) -> dict[str, Any]:
@@ -95,7 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return {
-        "command": "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:]),
+        "command": (
+            f"python benchmarks/kv_cache.py --seq-len {args.seq_len} --windows {args.windows} "
+            f"--chunk {args.chunk} --residual {args.residual} --group {args.group}"
+        ),
         "model": "SmolLM2-135M-Instruct, dequantized from Q4_1 (official release: bf16)",
         "text": "Shakespeare evaluation plays (qlab.text)",
         "seq_len": args.seq_len,
@@ -110,11 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
-    ap.add_argument("--windows", type=int, default=4, help="evenly spaced windows of the evaluation plays")
-    ap.add_argument("--chunk", type=int, default=64, help="tokens fed per forward call")
+    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per window")
+    ap.add_argument("--windows", type=int, default=2, help="evenly spaced windows of the evaluation plays")
+    ap.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
     ap.add_argument("--residual", type=int, default=128, help="recent tokens kept in float")
-    ap.add_argument("--group", type=int, default=32, help="tokens per group for per-channel rows")
+    ap.add_argument(
+        "--group", type=int, default=32, help="group size: tokens (per-channel) or channels (per-token)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
