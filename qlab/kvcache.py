@@ -232,6 +232,10 @@ class QuantizedKVLayer(DynamicLayer):
         super().reset()
         self.key_chunks, self.value_chunks = [], []
 
+    def crop(self, tokens_to_remove: int) -> None:
+        # Quantized groups span several tokens, so dropping the last tokens is not a slice here.
+        raise NotImplementedError("QuantizedKVLayer cannot be cropped (assisted decoding needs a float one)")
+
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.get_seq_length() == 0:
             return

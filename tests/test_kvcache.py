@@ -245,5 +245,7 @@ def test_bad_cache_arguments_are_named(tiny):
         quantize_kv(torch.zeros(3, 4, 8), KVQuantSpec())
     with pytest.raises(ValueError, match="whole groups of 32 tokens"):
         quantize_kv(torch.zeros(1, 1, 20, 8), KVQuantSpec(4, "channel"))
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        QuantizedKVCache(cfg).layers[0].crop(-1)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         streamed_nll(model, _ids(10), DynamicCache(config=cfg), chunk_size=0)
