@@ -1,5 +1,5 @@
-"""Checks for lesson 08, end to end: model bytes for a setting, picking a setting for a budget, and a
-save/reload round trip.
+"""Checks for lesson 08, end to end: model bytes for a setting, picking a setting for a budget, a
+save/reload round trip, and per-channel quantization of cached keys.
 
 Each check recomputes the answer and says right or wrong; a wrong answer gets a hint, never the number.
 """
@@ -158,3 +158,63 @@ def check_round_trip(
             )
             return report(False, "save/reload round trip", hint, quiet=quiet)
     return report(True, "save/reload round trip", "", quiet=quiet)
+
+
+def _kv_cases() -> list[tuple[torch.Tensor, int, int]]:
+    """Key-like states ``[batch, heads, tokens, head_dim]`` with outlier channels, and (bits, group)."""
+    g = torch.Generator().manual_seed(8)
+    cases = []
+    for shape, bits, group in (((1, 3, 64, 64), 4, 32), ((2, 2, 48, 16), 2, 16), ((1, 1, 32, 8), 8, 8)):
+        k = torch.randn(shape, generator=g)
+        k[..., 1] = k[..., 1] * 30 + 5  # an outlier channel, off centre
+        cases.append((k, bits, group))
+    return cases
+
+
+def _matches(got: torch.Tensor, k: torch.Tensor, spec: Any) -> bool:
+    """Whether ``got`` is ``k`` through qlab's quantize/dequantize with ``spec``, within 1e-5 of k's range."""
+    from qlab.kvcache import dequantize_kv, quantize_kv
+
+    want = dequantize_kv(quantize_kv(k, spec))
+    return bool(((got - want).abs() <= 1e-5 * (k.amax() - k.amin())).all())
+
+
+@answer_check("per-channel key quantization")
+def check_per_channel_keys(fake_quant: object, *, quiet: bool = False) -> CheckResult:
+    """Exercise 4: ``fake_quant(k, bits, group)`` quantizes and dequantizes cached keys
+    ``[batch, heads, tokens, head_dim]`` per channel: each channel's ``group`` consecutive tokens share
+    an asymmetric min/max grid, ``x ≈ s q + min`` with ``s = (max - min) / (2^bits - 1)``. Compared with
+    ``qlab.kvcache`` (fp32 scales) on three shapes and bit widths, within 1e-5 of each group's range."""
+    from qlab.kvcache import KVQuantSpec
+
+    fn = as_function(fake_quant, "fake_quant", "(k, bits, group) -> dequantized k")
+    name = "per-channel key quantization"
+    for k, bits, group in _kv_cases():
+        got = call_answer(fn, "fake_quant", k.clone(), bits, group)
+        if not isinstance(got, torch.Tensor) or got.shape != k.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AnswerError(
+                f"return the dequantized keys, the same shape as k {tuple(k.shape)}, got {shape}."
+            )
+        got = got.float()
+        if not bool(torch.isfinite(got).all()):
+            return report(False, name, "your result holds NaN or Inf: is a scale zero?", quiet=quiet)
+
+        f32 = torch.float32
+        if _matches(got, k, KVQuantSpec(bits, "channel", group, scale_dtype=f32)):
+            continue
+        token_groups = {None} | ({group} if k.shape[-1] % group == 0 else set())
+        if any(_matches(got, k, KVQuantSpec(bits, "token", g, scale_dtype=f32)) for g in token_groups):
+            hint = (
+                "your groups run along the channels of one token (per-token). Per-channel groups run along "
+                "the tokens: reduce over dim -2, in groups of `group` consecutive tokens."
+            )
+        elif bool(((got - k).abs() <= 1e-6).all()):
+            hint = "that is k unchanged: round to 2^bits levels per group, then map the codes back."
+        else:
+            hint = (
+                "per channel, for each run of `group` tokens: lo = min, s = (max - lo) / (2**bits - 1), "
+                "q = round((k - lo) / s) clamped to [0, 2**bits - 1], then s * q + lo."
+            )
+        return report(False, name, hint, quiet=quiet)
+    return report(True, name, "", quiet=quiet)
