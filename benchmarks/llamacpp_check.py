@@ -10,8 +10,8 @@ Without ``FILE`` it exports SmolLM2 as distributed (``qlab.gguf.load_gguf`` of t
   GGUF reader, widening to fp32);
 * llama.cpp: ``llama-perplexity`` on the same evaluation plays (its own windows of ``--seq-len`` tokens
   with BOS, scoring the second half of each: comparable in size, not digit for digit) and ``llama-bench``
-  (prompt processing and generation speed), both with ``--repack 0`` (the AMX repack path crashes in these
-  VMs).
+  (prompt processing and generation speed), both without weight repacking (``--no-repack``, and
+  llama-bench's ``--repack 0``: the AMX repack path crashes in these VMs).
 
 llama.cpp is not on PyPI for this platform. The script looks for ``llama-perplexity`` and ``llama-bench`` in
 ``$LLAMA_CPP_BIN`` (a folder) or on ``PATH``; when they are missing it prints how to build them (about 15
@@ -56,7 +56,7 @@ def _env(binary: Path) -> dict[str, str]:
 
 def llamacpp_perplexity(binary: Path, gguf: Path, text: Path, seq_len: int, windows: int) -> float:
     cmd = [str(binary), "-m", str(gguf), "-f", str(text), "-c", str(seq_len), "--chunks", str(windows),
-           "--repack", "0", "-t", str(os.cpu_count() or 1)]  # fmt: skip
+           "--no-repack", "-t", str(os.cpu_count() or 1)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(binary))
     out = proc.stdout + proc.stderr
     m = re.search(r"Final estimate: PPL = ([\d.]+)", out)
