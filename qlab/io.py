@@ -10,10 +10,13 @@ document::
                 "weight_dtype": "float32", "bias": false, "input_scale": false}, ...},
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"},   # tied tensors, stored once
      "extra_buffers": ["model.rotary_emb.inv_freq"],               # non-persistent buffers
+     "embeddings": {"model.embed_tokens": {"padding_idx": null}},  # packed tables, if any
      "model": {"class": "LlamaForCausalLM", "config": {...}, "name": "smollm2-135m"} | absent}
 
 and the tensors are the model's state dict (a :class:`~qlab.nn.QuantLinear` contributes its packed
-``qweight``, ``scale``, ``zero``, ``bias`` and ``input_scale``), byte for byte.
+``qweight``, ``scale``, ``zero``, ``bias`` and ``input_scale``), byte for byte. A packed embedding
+(:class:`~qlab.nn.QuantEmbedding`, ``quantize_embeddings=True``) is its table's QuantLinear, described under
+``"<name>.linear"``; a head tied to it is the same layer, stored once and re-tied as one module on load.
 
 Loading builds the float model skeleton on the ``meta`` device (no memory for its float weights),
 swaps in empty quantized layers as the JSON describes, checks every tensor's presence, shape and
@@ -76,12 +79,12 @@ def save_quantized(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    packed_tables = [n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
-    if packed_tables:
-        raise ValueError(
-            f"model: {packed_tables[0]} is a QuantEmbedding (quantize_embeddings=True), which qlab.io cannot "
-            "save yet; save before quantizing the embedding, or export with qlab.gguf.save_gguf"
-        )
+    # A packed embedding (quantize_embeddings=True) is its table's QuantLinear (listed under
+    # "<name>.linear" in "layers") plus what the wrapper adds; a head tied to it is the same layer,
+    # and its tensors are stored once (aliases).
+    embeddings = {
+        n: {"padding_idx": m.padding_idx} for n, m in model.named_modules() if isinstance(m, QuantEmbedding)
+    }
     layers = {
         n: m.layer_config()
         for n, m in model.named_modules(remove_duplicate=False)  # a shared layer is listed under each name
@@ -121,6 +124,8 @@ def save_quantized(
         "aliases": aliases,
         "extra_buffers": extra,
     }
+    if embeddings:
+        meta["embeddings"] = embeddings
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
         meta["model"] = {"class": type(model).__name__, "config": hf_config.to_dict()}
@@ -167,6 +172,14 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise QuantizedFileError(f"{path}: metadata field {key!r} is missing or not an object")
     if not isinstance(meta.get("extra_buffers", []), list):
         raise QuantizedFileError(f"{path}: metadata field 'extra_buffers' is not a list")
+    embeddings = meta.get("embeddings", {})
+    if not isinstance(embeddings, dict) or not all(
+        isinstance(e, dict) and f"{n}.linear" in meta["layers"] for n, e in embeddings.items()
+    ):
+        raise QuantizedFileError(
+            f"{path}: metadata field 'embeddings' must map each packed embedding to an object, with its "
+            "table described under '<name>.linear' in 'layers'"
+        )
     return meta
 
 
@@ -239,6 +252,15 @@ def load_quantized(
             f"model_or_factory must be an nn.Module or a callable, got {type(model_or_factory).__name__}"
         )
 
+    for name, info in meta.get("embeddings", {}).items():
+        try:
+            emb = model.get_submodule(name)
+        except AttributeError as err:
+            raise QuantizedFileError(f"embedding {name} in the file does not exist in the model") from err
+        if not isinstance(emb, (nn.Embedding, QuantEmbedding)):
+            raise QuantizedFileError(f"embedding {name}: the model has a {type(emb).__name__} there")
+        table = _skeleton_layer(f"{name}.linear", meta["layers"][f"{name}.linear"])
+        _set_module(model, name, QuantEmbedding(table, info.get("padding_idx")))  # type: ignore[arg-type]
     for name, entry in meta["layers"].items():
         if not isinstance(entry, dict):
             raise QuantizedFileError(f"layer {name}: description must be an object")
@@ -246,9 +268,7 @@ def load_quantized(
             model.get_submodule(name)
         except AttributeError as err:
             raise QuantizedFileError(f"layer {name} in the file does not exist in the model") from err
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _skeleton_layer(name, entry))
+        _set_module(model, name, _skeleton_layer(name, entry))
 
     expected = model.state_dict()
     aliases: dict[str, str] = meta["aliases"]
@@ -299,6 +319,15 @@ def load_quantized(
     # Re-tie tensors the model shares (assign=True replaced them one by one).
     for name, target in aliases.items():
         _set_tensor(model, name, _get_tensor(model, target))
+    # A quantized layer whose every tensor is an alias of another layer's (a head tied to a packed
+    # embedding's table) becomes that same module again, as quantize_model left it.
+    for name in meta["layers"]:
+        keys = [k for k in expected if k.startswith(f"{name}.")]
+        owners = {aliases[k][: -len(k) + len(name)] for k in keys if k in aliases}
+        if keys and all(k in aliases for k in keys) and len(owners) == 1:
+            (owner,) = owners
+            if owner in meta["layers"] and all(aliases[k] == owner + k[len(name) :] for k in keys):
+                _set_module(model, name, model.get_submodule(owner))
     for name, mod in model.named_modules():
         if _is_quantized(mod):
             mod.after_load()
@@ -340,3 +369,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
     else:
         owner._buffers[leaf] = value
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

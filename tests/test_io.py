@@ -283,13 +283,73 @@ def test_smollm2_round_trip_without_factory(tmp_path):
     assert read_metadata(path)["model"]["name"] == "smollm2-135m"
 
 
-def test_a_packed_embedding_is_refused_clearly(tmp_path):
+def _tiny_llama(tied: bool):
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
+        num_key_value_heads=2, tie_word_embeddings=tied,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
-    quantize_model(model, QuantConfig("rtn", 8, None, quantize_embeddings=True), progress=False)
-    with pytest.raises(ValueError, match="QuantEmbedding.*cannot save"):
-        save_quantized(model, tmp_path / "x.safetensors")
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        QuantConfig("rtn", 8, None, quantize_embeddings=True),
+        QuantConfig("rtn", 4, 32, quantize_embeddings=True, overrides={"lm_head": {"bits": 8}}),
+    ],
+    ids=["int8", "int4-head8"],
+)
+def test_a_packed_embedding_round_trips(tmp_path, tied, cfg):
+    """quantize_embeddings=True: the packed table (and a head tied to it, stored once) comes back bit for
+    bit, with the tie restored as one module."""
+    from qlab.nn import QuantEmbedding
+
+    model = quantize_model(_tiny_llama(tied), cfg, progress=False)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    path = save_quantized(model, tmp_path / "x.safetensors")
+    meta = read_metadata(path)
+    assert meta["embeddings"] == {"model.embed_tokens": {"padding_idx": None}}
+    loaded = load_quantized(path)  # rebuilt from the transformers class in the file
+    emb = loaded.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and isinstance(loaded.lm_head, QuantLinear)
+    assert (loaded.lm_head is emb.linear) == tied
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    ids = torch.tensor([[1, 7, 33, 2, 49, 0, 12]])
+    with torch.inference_mode():
+        want, got = model(ids).logits, loaded(ids).logits
+        # independent reference: the float table the codes stand for, looked up and multiplied by hand
+        table = model.model.embed_tokens.linear.dequantize(torch.float32)
+        assert torch.equal(emb.rows(ids)[0], table[ids[0]])
+    assert torch.equal(got, want)
+    if tied:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            assert not any(k.startswith("lm_head.") for k in f.keys())  # the tied head is stored once
+
+
+def test_a_packed_embedding_with_a_bad_description_is_refused(tmp_path):
+    model = quantize_model(
+        _tiny_llama(True), QuantConfig("rtn", 8, None, quantize_embeddings=True), progress=False
+    )
+    path = save_quantized(model, tmp_path / "x.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        doc = json.loads(f.metadata()["qlab"])
+    doc["embeddings"] = {"model.norm": {"padding_idx": None}}  # no table described under model.norm.linear
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"qlab": json.dumps(doc)})
+    with pytest.raises(QuantizedFileError, match="'embeddings'"):
+        load_quantized(bad)
+    doc["embeddings"] = {"model.layers.0.mlp": {"padding_idx": None}}
+    doc["layers"]["model.layers.0.mlp.linear"] = doc["layers"]["model.embed_tokens.linear"]
+    save_file(tensors, str(bad), metadata={"qlab": json.dumps(doc)})
+    with pytest.raises(QuantizedFileError, match="embedding model.layers.0.mlp: the model has a LlamaMLP"):
+        load_quantized(bad)
