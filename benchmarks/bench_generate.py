@@ -53,7 +53,7 @@ from qlab.generate import Generator  # noqa: E402
 from qlab.models import load_smollm2  # noqa: E402
 
 #: The quantized head of the ``+head+fuse`` rows: one int8 scale per vocabulary row.
-INT8_HEAD = {"lm_head": {"bits": 8, "group_size": None}}
+INT8_HEAD = {"lm_head": {"method": "rtn", "bits": 8, "group_size": None}}
 SCHEMES: dict[str, QuantConfig] = {
     "int8": QuantConfig("rtn", 8, None),
     "int4 g32": QuantConfig("rtn", 4, 32),
