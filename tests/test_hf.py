@@ -43,6 +43,8 @@ CASES = [
     ("gptq", 4, 32),
     ("awq", 4, 32),
     ("smoothquant", 8, None),
+    ("mxfp4", 4, 32),
+    ("nvfp4", 4, 16),
 ]
 DATA_FREE = [c for c in CASES if c[0] in data_free_methods()]
 
