@@ -13,7 +13,13 @@ from qlab.exercises.lesson05 import (
     check_nf4_bits_per_weight,
     check_pack_4bit,
 )
-from qlab.exercises.lesson06 import check_hqq_zero_step, check_output_error, check_two_bit_levels
+from qlab.exercises.lesson06 import (
+    check_hqq_zero_step,
+    check_output_error,
+    check_straight_through,
+    check_two_bit_levels,
+)
+from qlab.quantize import QuantSpec, fake_quantize
 
 
 def test_group_scales() -> None:
@@ -117,3 +123,33 @@ def test_output_error() -> None:
     assert "proxy" in weight.message  # the weight error is named as such
     res = check_output_error(x, w, w_hat, ..., quiet=True)  # type: ignore[arg-type]
     assert not res and "placeholder" in res.message
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Asymmetric min-max RTN per group in plain torch (range widened to hold 0, integer zero)."""
+    g = w.reshape(-1, spec.group_size)
+    lo, hi = g.amin(1, keepdim=True).clamp(max=0), g.amax(1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / spec.qmax
+    z = torch.round(-lo / s)
+    return (s * (torch.clamp(torch.round(g / s) + z, 0, spec.qmax) - z)).reshape(w.shape)
+
+
+def test_straight_through() -> None:
+    assert check_straight_through(lambda w, spec: w + (_rtn(w.detach(), spec) - w).detach(), quiet=True)
+    assert check_straight_through(lambda w, spec: (_rtn(w.detach(), spec) - w).detach() + w, quiet=True)
+    # typical wrong answers: the gradient flows only through the group's scale, or not at all
+    through_scale = check_straight_through(lambda w, spec: fake_quantize(w, spec), quiet=True)
+    assert not through_scale and "scale" in through_scale.message
+    none = check_straight_through(lambda w, spec: fake_quantize(w.detach(), spec), quiet=True)
+    assert not none and "no gradient" in none.message
+    cancelled = check_straight_through(lambda w, spec: w + _rtn(w.detach(), spec) - w, quiet=True)
+    assert not cancelled and "no gradient" in cancelled.message
+    identity = check_straight_through(lambda w, spec: w, quiet=True)  # forgot to quantize
+    assert not identity and "forward value" in identity.message
+    assert not check_straight_through(
+        lambda w, spec: 2 * w + (_rtn(w.detach(), spec) - 2 * w).detach(), quiet=True
+    )
+    # malformed answers get a hint, never a traceback
+    for bad in (..., None, 3, lambda w: w, lambda w, spec: 3, lambda w, spec: w[0], lambda w, spec: 1 / 0):
+        res = check_straight_through(bad, quiet=True)
+        assert not res and "Hint" in res.message

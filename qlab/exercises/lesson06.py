@@ -1,4 +1,5 @@
-"""Checks for lesson 06, 2-bit: the levels of a group, one HQQ zero-point step, layer-output error.
+"""Checks for lesson 06, 2-bit: the levels of a group, one HQQ zero-point step, layer-output error, the
+straight-through estimator.
 
 Each check recomputes the answer with qlab and compares; a wrong answer gets a hint, never the number.
 """
@@ -7,8 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from qlab.exercises import AnswerError, CheckResult, answer_check, as_number, as_tensor, report
+from qlab.exercises import (
+    AnswerError,
+    CheckResult,
+    answer_check,
+    as_function,
+    as_number,
+    as_tensor,
+    call_answer,
+    report,
+)
 from qlab.methods.hqq import hqq_zero_update
+from qlab.quantize import QuantSpec, fake_quantize
 
 
 def _tensor(t: object, name: str) -> torch.Tensor:
@@ -67,3 +78,39 @@ def check_output_error(
     else:
         hint = "run both layers on the same x (x @ w.T and x @ w_hat.T), subtract, square, average everything"
     return report(ok, "layer-output error", hint, quiet=quiet)
+
+
+@answer_check("the straight-through estimator")
+def check_straight_through(ste: object, *, quiet: bool = False) -> CheckResult:
+    """Exercise 4: ``ste(w, spec)`` returns a tensor whose *value* is the fake-quantized weight
+    ``dequantize(quantize(w, spec))`` and whose *gradient* with respect to ``w`` is the identity
+    (``w + (ŵ - w).detach()``). Tried on a seeded 2-bit g64 weight with a random upstream gradient."""
+    fn = as_function(ste, "ste", "(w, spec) -> tensor")
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(8, 128, generator=gen) * 0.02).requires_grad_(True)
+    spec = QuantSpec.per_group(2, 64)
+    out = call_answer(fn, "ste", w, spec)
+    if not isinstance(out, torch.Tensor) or out.shape != w.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise AnswerError(f"ste must return a tensor shaped like w {tuple(w.shape)}, got {shape}.")
+    w_hat = fake_quantize(w.detach(), spec)
+    if not torch.allclose(out.detach().float(), w_hat, rtol=0, atol=1e-6):
+        hint = "the forward value must be the quantized weight ŵ = fake_quantize(w, spec), not w itself"
+        return report(False, "the straight-through estimator", hint, quiet=quiet)
+    upstream = torch.randn(w.shape, generator=gen)
+    if out.requires_grad:
+        (grad,) = torch.autograd.grad(out, w, upstream, allow_unused=True)
+    else:
+        grad = None
+    ok = grad is not None and torch.allclose(grad, upstream, rtol=1e-6, atol=1e-7)
+    if grad is None or not grad.any():
+        hint = (
+            "the value is right, but no gradient reaches w: rounding has none. Keep w in the graph and add "
+            "the rounding error as a constant: w + (ŵ - w).detach()"
+        )
+    else:
+        hint = (
+            "a gradient reaches w, but not the upstream gradient unchanged (through the group's scale, or "
+            "scaled): the estimator's backward is the identity, so detach the whole rounding error (ŵ - w)"
+        )
+    return report(ok, "the straight-through estimator", hint, quiet=quiet)
