@@ -18,6 +18,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under xdist, N workers each running torch's (and qlab's C kernels') OpenMP pool at full width
+# oversubscribe the cores, and OpenMP's barriers then wait on descheduled threads: on 2 cores with
+# 2 workers, lesson 06 took 392 s instead of 30 s. Give each worker its share of the cores, and the
+# same to every process it starts (notebook kernels, CLI subprocesses) through OMP_NUM_THREADS.
+# An explicit OMP_NUM_THREADS is left alone.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 # Real models, shared by the test files that need them. Module scope: a test that changes a model
 # in place cannot leak into another file. Fetching is a no-op once the cache is warm.
