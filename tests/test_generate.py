@@ -107,6 +107,26 @@ def test_compiled_greedy_text_equals_eager_and_transformers(model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
+class Negate(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+
+def test_compiled_steps_follow_a_model_changed_between_calls():
+    # After its first step a call skips Dynamo's guards (qlab.generate); the first step still checks
+    # them, so a model changed between calls recompiles and the later steps run the new graph.
+    m = tiny_llama(seed=3)
+    gen = Generator(m, 24, compile=True, backend="aot_eager")
+    ids = _ids(6, 7)
+    before = gen.generate(ids, 8).ids
+    assert torch.equal(before, generate(m, ids, 8))
+    norm = m.model.norm
+    m.model.norm = torch.nn.Sequential(norm, Negate())  # another graph: greedy picks the least likely token
+    after = gen.generate(ids, 8).ids
+    assert torch.equal(after, generate(m, ids, 8))
+    assert not torch.equal(after, before)
+
+
 def test_generate_checks_its_arguments(model):
     gen = Generator(model, 8)
     with pytest.raises(ValueError, match="max_len"):
