@@ -152,9 +152,10 @@ class Generator:
                 token = self._step(token.clone(), torch.tensor([t + i]))
             else:
                 # Dynamo checks its guards (every parameter and module of the model) before each
-                # call: ~2.8 ms of a 12 ms SmolLM2 token. The first step of this call has just passed
-                # them, and until this loop returns no code can change the model, the cache objects
-                # or the inputs' shapes and dtypes, so later steps skip them.
+                # call; skipping them saved 0.9 ms of an 11.8 ms SmolLM2 int4 token (measured
+                # round-robin). The first step of this call has just passed them, and until this loop
+                # returns no code can change the model, the cache objects or the inputs' shapes and
+                # dtypes, so later steps skip them.
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     token = self._step(token.clone(), torch.tensor([t + i]))
             out.step_s.append(time.perf_counter() - t0)
