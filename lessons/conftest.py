@@ -1,9 +1,12 @@
-"""Keep each notebook's cells in order, whatever reorders the test items.
+"""Keep each notebook's cells together and in order, whatever reorders the test items.
 
 A notebook is one story: nbval runs its cells in one kernel, and a cell depends on the ones above it.
 Plugins that shuffle tests to expose order dependence (pytest-randomly, in qlab's dev extra) must not
-shuffle cells. This hook runs last and puts every notebook's cells back in cell order, in the slots
-they occupy; the order of notebooks among the other tests is left as the shuffle made it.
+shuffle cells, nor interleave two notebooks: pytest tears a file's node down when the next item
+belongs to another file, and nbval then stops that notebook's kernel, so the notebook's later cells
+would run in a fresh kernel without their imports. This hook runs last and puts every notebook's
+cells, in cell order, where its first cell landed; the order of notebooks among themselves and of
+the other tests stays as the shuffle made it.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ if _workers > 1:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[Any]) -> None:
-    slots: dict[Any, list[int]] = {}
-    for i, item in enumerate(items):
+    notebooks: dict[Any, list[Any]] = {}
+    for item in items:
         if hasattr(item, "cell_num"):  # an nbval cell
-            slots.setdefault(item.parent, []).append(i)
-    for positions in slots.values():
-        cells = sorted((items[i] for i in positions), key=lambda c: c.cell_num)
-        for i, cell in zip(positions, cells, strict=True):
-            items[i] = cell
+            notebooks.setdefault(item.parent, []).append(item)
+    ordered: list[Any] = []
+    for item in items:
+        if not hasattr(item, "cell_num"):
+            ordered.append(item)
+        elif item.parent in notebooks:  # the notebook's first cell in the shuffled list: all of it here
+            ordered.extend(sorted(notebooks.pop(item.parent), key=lambda c: c.cell_num))
+    items[:] = ordered
