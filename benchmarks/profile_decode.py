@@ -4,7 +4,8 @@ The model is ``bench_generate.py``'s fastest recipe (``--scheme``, default int4 
 tied head and fused q/k/v and gate/up). For the eager and the compiled one-token step of
 :class:`qlab.generate.Generator` it prints
 
-* the decode speed without the profiler (median step over ``--tokens`` steps, after a warm-up), and
+* the decode speed without the profiler (median step over ``--tokens`` steps after a ``--prompt``-token
+  prompt of seeded random tokens, as in the generate table, after a warm-up), and
 * one profiled run of the same steps, its time per token split into buckets by operator name:
   ``qlab::*`` (qlab's kernels: every quantized matmul and the head), float matmuls (``aten::mm`` ...),
   attention (``scaled_dot_product_attention``), Inductor's generated kernels (the compiled glue:
@@ -15,7 +16,7 @@ The profiler adds its own cost to every op, so the profiled token is slower than
 read the shares, and the unprofiled time for speed. Inductor's kernels are named in the profile only
 with ``torch._inductor.config.cpp.enable_kernel_profile``, which this script sets before compiling.
 
-    python benchmarks/profile_decode.py [--scheme "int4 g64"] [--threads 2] [--tokens 32]
+    python benchmarks/profile_decode.py [--scheme "int4 g64"] [--threads 2] [--prompt 32] [--tokens 63]
 """
 
 from __future__ import annotations

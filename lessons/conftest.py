@@ -16,10 +16,8 @@ from typing import Any
 
 import pytest
 
-# Under xdist, give each worker's notebook kernels their share of the cores (the kernel inherits
-# this environment when nbval starts it): N kernels each running OpenMP at full width oversubscribe
-# the cores, and OpenMP's barriers then wait on descheduled threads (lesson 06: 392 s instead of
-# 30 s with 2 workers on 2 cores). tests/conftest.py does the same for the workers themselves.
+# The cores' share per xdist worker, as tests/conftest.py sets it (see why there), for the notebook
+# kernels, which inherit this environment: repeated here so that `pytest -n N lessons/` alone has it.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
