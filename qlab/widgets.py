@@ -459,6 +459,7 @@ def memory_calculator(
             entry: ModelEntry | int = _parse_count(c["params"].value) if custom else entries[c["model"].value]
         except ValueError as e:
             labels["status"].value = html.escape(str(e))
+            labels["fits"].value, image.value = "", b""  # no stale answer beside the error
             return
         labels["status"].value = "custom counts assume 97% of parameters in linear layers" if custom else ""
         rows = [estimate_memory(entry, s) for s in SCHEMES]

@@ -1,12 +1,14 @@
-"""The error-histogram explorer in a real JupyterLab, driven by headless Chromium.
+"""qlab's widgets in a real JupyterLab, driven by headless Chromium.
 
 Starts JupyterLab on a loopback port with a random token and a temporary root holding one small notebook,
 opens it in Debian's ``chromium`` (or ``$QLAB_CHROMIUM``, ``chromium-browser``, ``google-chrome``) through
 the ``playwright`` package (its own browser download cannot work offline), runs the widget cell, then moves
 the bits slider and changes the granularity dropdown, and checks that the SQNR label and the figure change
 as they should; then an impossible combination (NF4 per tensor) must blank the numbers, and the scale
-dtype control must change the bits per weight. Screenshots land in ``test-artifacts/``: one on success
-(``browser_success.png``), one on failure (``browser_failure.png``).
+dtype control must change the bits per weight. A second test runs lesson 08's memory calculator and
+method picker there: a scheme, a typed-in parameter count (and a malformed one) and the picker's bits and
+calibration controls must change what they show. Screenshots land in ``test-artifacts/``: one on success
+(``browser_success.png``, ``browser_calculator_picker.png``), one on failure (``browser_failure.png``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WIDGET_CELL = "from qlab.widgets import error_histogram_explorer\nbox = error_histogram_explorer(bits=2)\nbox"
+# lesson 08's calculator and picker, as the lesson builds them
+CALCULATOR_CELL = (
+    "from qlab.widgets import memory_calculator\n"
+    'memory_calculator(model="SmolLM2-135M", memory_bytes=200 * 10**6)'
+)
+PICKER_CELL = (
+    "from qlab.widgets import method_picker\n"
+    'method_picker(hardware="cpu", target_bits=4, calibration=False, model="SmolLM2-135M")'
+)
 
 
 def _free_port() -> int:
@@ -70,7 +81,8 @@ def lab(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lab-root")
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# widget check"), nbformat.v4.new_code_cell(WIDGET_CELL)]
+    nb.cells = [nbformat.v4.new_markdown_cell("# widget check")]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in (WIDGET_CELL, CALCULATOR_CELL, PICKER_CELL)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "widget_check.ipynb")
     home = tmp_path_factory.mktemp("lab-home")
@@ -229,6 +241,67 @@ def test_error_histogram_explorer_in_jupyterlab(lab):
             # the status bar says Idle once the last update has run: the screenshot shows the final state
             expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "browser_success.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_memory_calculator_and_method_picker_in_jupyterlab(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token, _root = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_requirements(), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        try:
+            page.goto(f"{base}/lab/tree/widget_check.ipynb?token={token}", timeout=60_000)
+            cells = page.locator(".jp-CodeCell")
+            cells.nth(2).wait_for(timeout=60_000)
+            news = page.get_by_role("button", name="No", exact=True)
+            if news.count():
+                news.first.click()
+            _run_cell(page, cells.nth(1))
+            fits = page.locator(".qlab-fits")
+            expect(fits).to_have_text("int4 asym g128: 113 MB, fits in 200 MB: yes", timeout=90_000)
+            figure = page.locator("img.qlab-figure")
+            expect(figure).to_be_visible()
+            src_int4 = figure.get_attribute("src")
+
+            page.locator(".qlab-control-scheme select").select_option("fp32")
+            expect(fits).to_have_text("fp32: 538 MB, fits in 200 MB: no", timeout=30_000)
+
+            # a typed-in parameter count (committed with Enter), then a malformed one: a hint, no traceback
+            params = page.locator(".qlab-control-params input")
+            expect(params).to_be_disabled()
+            page.locator(".qlab-control-model select").select_option("custom")
+            expect(params).to_be_enabled(timeout=30_000)
+            params.fill("1e9")
+            params.press("Enter")
+            expect(fits).to_have_text("fp32: 4.00 GB, fits in 200 MB: no", timeout=30_000)
+            expect(figure).not_to_have_attribute("src", src_int4, timeout=30_000)
+            params.fill("abc")
+            params.press("Enter")
+            expect(page.locator(".qlab-status")).to_contain_text(
+                "parameter count must be a number", timeout=30_000
+            )
+            expect(fits).to_have_text("")  # the answer for 1e9 does not stay beside the error
+            expect(
+                page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+            ).to_have_count(0)
+
+            _run_cell(page, cells.nth(2))
+            rec = page.locator(".qlab-recommendation-box")
+            expect(rec).to_contain_text("method: hqq", timeout=90_000)
+            page.locator(".qlab-control-target-bits").get_by_role("button", name="2", exact=True).click()
+            expect(rec).to_contain_text("method: rtn", timeout=30_000)
+            expect(rec).to_contain_text("no data-free method holds up here")
+            page.locator(".qlab-control-calibration input[type=checkbox]").click()
+            expect(rec).to_contain_text("method: gptq", timeout=30_000)
+            expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "browser_calculator_picker.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_failure.png"), full_page=True)
             raise

@@ -228,6 +228,9 @@ def test_memory_calculator_fits_label_and_custom_counts():
     assert _plain(fits).startswith("fp32: 280 GB")
     c["params"].value = "many"
     assert "parameter count" in box.labels["status"].value
+    assert _plain(fits) == "" and bytes(box.image.value) == b""  # no stale answer beside the error
+    c["params"].value = "7B"
+    assert _plain(fits).startswith("fp32: 28.0 GB") and box.labels["status"].value.startswith("custom")
     fig = memory_calculator(model="SmolLM2-135M", static=True)
     assert isinstance(fig, Figure) and len(fig.axes[0].patches) == 3 * 10
     plt.close(fig)
