@@ -45,10 +45,7 @@ ROUTES = {
 }
 
 #: one forward pass of 64 tokens, so that every weight has been read (safetensors maps files lazily)
-FORWARD = (
-    "import torch\nloaded = hwm_mb()\n"
-    "with torch.no_grad(): m(torch.arange(64)[None])"
-)
+FORWARD = "import torch\nloaded = hwm_mb()\nwith torch.no_grad(): m(torch.arange(64)[None])"
 CHILD = """
 import json, sys
 PATH, OUT = sys.argv[1], sys.argv[2]

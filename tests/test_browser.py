@@ -13,6 +13,7 @@ calibration controls must change what they show. Screenshots land in ``test-arti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,130 +183,124 @@ def _run_cell(page, cell) -> None:
     raise AssertionError("the kernel never ran the widget cell")
 
 
-def test_error_histogram_explorer_in_jupyterlab(lab):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def _notebook_page(lab, height: int, success: str) -> Iterator[Any]:
+    """The test notebook open in headless Chromium, its cells rendered; a full-page screenshot lands in
+    ``test-artifacts/`` as ``success`` when the block passes, as ``browser_failure.png`` when it fails."""
+    from playwright.sync_api import sync_playwright
 
     base, token, _root = lab
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_requirements(), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page = browser.new_page(viewport={"width": 1280, "height": height})
         try:
             page.goto(f"{base}/lab/tree/widget_check.ipynb?token={token}", timeout=60_000)
-            cell = page.locator(".jp-CodeCell").first
-            cell.wait_for(timeout=60_000)
+            page.locator(".jp-CodeCell").last.wait_for(timeout=60_000)
             news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast
             if news.count():
                 news.first.click()
-            _run_cell(page, cell)
-
-            sqnr_label = page.locator(".qlab-sqnr")
-            expect(sqnr_label).to_contain_text("SQNR", timeout=90_000)
-            figure = page.locator("img.qlab-figure")
-            expect(figure).to_be_visible()
-            sqnr_2bit, src_2bit = _sqnr(page), figure.get_attribute("src")
-            assert page.locator(".qlab-bpw").inner_text().strip() == "bits per weight 3.000"
-
-            # move the bits slider: focus its handle and step it right with the keyboard (2 -> 6)
-            handle = page.locator(".qlab-control-bits .noUi-handle")
-            handle.focus()
-            for _ in range(4):
-                handle.press("ArrowRight")
-            expect(page.locator(".qlab-control-bits .widget-readout")).to_have_text("6")
-            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
-            sqnr_6bit = _sqnr(page)
-            assert sqnr_6bit > sqnr_2bit + 18, (sqnr_2bit, sqnr_6bit)  # about 6 dB per bit
-            expect(figure).not_to_have_attribute("src", src_2bit, timeout=30_000)
-            src_6bit = figure.get_attribute("src")
-
-            # change a dropdown: per-tensor scales lose to groups of 64 on this outlier-free tensor
-            page.locator(".qlab-control-granularity select").select_option("tensor")
-            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.000", timeout=30_000)
-            sqnr_tensor = _sqnr(page)
-            assert sqnr_tensor < sqnr_6bit, (sqnr_6bit, sqnr_tensor)
-            expect(figure).not_to_have_attribute("src", src_6bit, timeout=30_000)
-
-            # an impossible combination (NF4 per tensor) says why and leaves no stale numbers on screen
-            page.locator(".qlab-control-method select").select_option("NF4")
-            expect(page.locator(".qlab-status")).to_contain_text("NF4 scales blocks", timeout=30_000)
-            expect(page.locator(".qlab-sqnr")).to_have_text("", timeout=30_000)
-            expect(page.locator(".qlab-bpw")).to_have_text("")
-            page.locator(".qlab-control-granularity select").select_option("group")
-            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 4.500", timeout=30_000)
-            expect(sqnr_label).to_contain_text("SQNR")
-
-            # the scale dtype counts: int6 asymmetric g64 with fp32 scales and zeros, then fp16
-            page.locator(".qlab-control-method select").select_option("RTN")
-            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
-            page.locator(".qlab-control-scale-dtype select").select_option(label="fp16")
-            expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.500", timeout=30_000)
-            expect(page.locator(".qlab-status")).to_contain_text("fp16 scales")
-            # the status bar says Idle once the last update has run: the screenshot shows the final state
-            expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "browser_success.png"), full_page=True)
+            yield page
+            page.screenshot(path=str(ARTIFACTS / success), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_failure.png"), full_page=True)
             raise
         finally:
             browser.close()
+
+
+def test_error_histogram_explorer_in_jupyterlab(lab):
+    from playwright.sync_api import expect
+
+    with _notebook_page(lab, height=1100, success="browser_success.png") as page:
+        cell = page.locator(".jp-CodeCell").first
+        _run_cell(page, cell)
+
+        sqnr_label = page.locator(".qlab-sqnr")
+        expect(sqnr_label).to_contain_text("SQNR", timeout=90_000)
+        figure = page.locator("img.qlab-figure")
+        expect(figure).to_be_visible()
+        sqnr_2bit, src_2bit = _sqnr(page), figure.get_attribute("src")
+        assert page.locator(".qlab-bpw").inner_text().strip() == "bits per weight 3.000"
+
+        # move the bits slider: focus its handle and step it right with the keyboard (2 -> 6)
+        handle = page.locator(".qlab-control-bits .noUi-handle")
+        handle.focus()
+        for _ in range(4):
+            handle.press("ArrowRight")
+        expect(page.locator(".qlab-control-bits .widget-readout")).to_have_text("6")
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+        sqnr_6bit = _sqnr(page)
+        assert sqnr_6bit > sqnr_2bit + 18, (sqnr_2bit, sqnr_6bit)  # about 6 dB per bit
+        expect(figure).not_to_have_attribute("src", src_2bit, timeout=30_000)
+        src_6bit = figure.get_attribute("src")
+
+        # change a dropdown: per-tensor scales lose to groups of 64 on this outlier-free tensor
+        page.locator(".qlab-control-granularity select").select_option("tensor")
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.000", timeout=30_000)
+        sqnr_tensor = _sqnr(page)
+        assert sqnr_tensor < sqnr_6bit, (sqnr_6bit, sqnr_tensor)
+        expect(figure).not_to_have_attribute("src", src_6bit, timeout=30_000)
+
+        # an impossible combination (NF4 per tensor) says why and leaves no stale numbers on screen
+        page.locator(".qlab-control-method select").select_option("NF4")
+        expect(page.locator(".qlab-status")).to_contain_text("NF4 scales blocks", timeout=30_000)
+        expect(page.locator(".qlab-sqnr")).to_have_text("", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("")
+        page.locator(".qlab-control-granularity select").select_option("group")
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 4.500", timeout=30_000)
+        expect(sqnr_label).to_contain_text("SQNR")
+
+        # the scale dtype counts: int6 asymmetric g64 with fp32 scales and zeros, then fp16
+        page.locator(".qlab-control-method select").select_option("RTN")
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+        page.locator(".qlab-control-scale-dtype select").select_option(label="fp16")
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.500", timeout=30_000)
+        expect(page.locator(".qlab-status")).to_contain_text("fp16 scales")
+        # the status bar says Idle once the last update has run: the screenshot shows the final state
+        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
 
 
 def test_memory_calculator_and_method_picker_in_jupyterlab(lab):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    base, token, _root = lab
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_requirements(), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        try:
-            page.goto(f"{base}/lab/tree/widget_check.ipynb?token={token}", timeout=60_000)
-            cells = page.locator(".jp-CodeCell")
-            cells.nth(2).wait_for(timeout=60_000)
-            news = page.get_by_role("button", name="No", exact=True)
-            if news.count():
-                news.first.click()
-            _run_cell(page, cells.nth(1))
-            fits = page.locator(".qlab-fits")
-            expect(fits).to_have_text("int4 asym g128: 113 MB, fits in 200 MB: yes", timeout=90_000)
-            figure = page.locator("img.qlab-figure")
-            expect(figure).to_be_visible()
-            src_int4 = figure.get_attribute("src")
+    with _notebook_page(lab, height=1600, success="browser_calculator_picker.png") as page:
+        cells = page.locator(".jp-CodeCell")
+        _run_cell(page, cells.nth(1))
+        fits = page.locator(".qlab-fits")
+        expect(fits).to_have_text("int4 asym g128: 113 MB, fits in 200 MB: yes", timeout=90_000)
+        figure = page.locator("img.qlab-figure")
+        expect(figure).to_be_visible()
+        src_int4 = figure.get_attribute("src")
 
-            page.locator(".qlab-control-scheme select").select_option("fp32")
-            expect(fits).to_have_text("fp32: 538 MB, fits in 200 MB: no", timeout=30_000)
+        page.locator(".qlab-control-scheme select").select_option("fp32")
+        expect(fits).to_have_text("fp32: 538 MB, fits in 200 MB: no", timeout=30_000)
 
-            # a typed-in parameter count (committed with Enter), then a malformed one: a hint, no traceback
-            params = page.locator(".qlab-control-params input")
-            expect(params).to_be_disabled()
-            page.locator(".qlab-control-model select").select_option("custom")
-            expect(params).to_be_enabled(timeout=30_000)
-            params.fill("1e9")
-            params.press("Enter")
-            expect(fits).to_have_text("fp32: 4.00 GB, fits in 200 MB: no", timeout=30_000)
-            expect(figure).not_to_have_attribute("src", src_int4, timeout=30_000)
-            params.fill("abc")
-            params.press("Enter")
-            expect(page.locator(".qlab-status")).to_contain_text(
-                "parameter count must be a number", timeout=30_000
-            )
-            expect(fits).to_have_text("")  # the answer for 1e9 does not stay beside the error
-            expect(
-                page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-            ).to_have_count(0)
+        # a typed-in parameter count (committed with Enter), then a malformed one: a hint, no traceback
+        params = page.locator(".qlab-control-params input")
+        expect(params).to_be_disabled()
+        page.locator(".qlab-control-model select").select_option("custom")
+        expect(params).to_be_enabled(timeout=30_000)
+        params.fill("1e9")
+        params.press("Enter")
+        expect(fits).to_have_text("fp32: 4.00 GB, fits in 200 MB: no", timeout=30_000)
+        expect(figure).not_to_have_attribute("src", src_int4, timeout=30_000)
+        params.fill("abc")
+        params.press("Enter")
+        expect(page.locator(".qlab-status")).to_contain_text(
+            "parameter count must be a number", timeout=30_000
+        )
+        expect(fits).to_have_text("")  # the answer for 1e9 does not stay beside the error
+        expect(
+            page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        ).to_have_count(0)
 
-            _run_cell(page, cells.nth(2))
-            rec = page.locator(".qlab-recommendation-box")
-            expect(rec).to_contain_text("method: hqq", timeout=90_000)
-            page.locator(".qlab-control-target-bits").get_by_role("button", name="2", exact=True).click()
-            expect(rec).to_contain_text("method: rtn", timeout=30_000)
-            expect(rec).to_contain_text("no data-free method holds up here")
-            page.locator(".qlab-control-calibration input[type=checkbox]").click()
-            expect(rec).to_contain_text("method: gptq", timeout=30_000)
-            expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "browser_calculator_picker.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "browser_failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+        _run_cell(page, cells.nth(2))
+        rec = page.locator(".qlab-recommendation-box")
+        expect(rec).to_contain_text("method: hqq", timeout=90_000)
+        page.locator(".qlab-control-target-bits").get_by_role("button", name="2", exact=True).click()
+        expect(rec).to_contain_text("method: rtn", timeout=30_000)
+        expect(rec).to_contain_text("no data-free method holds up here")
+        page.locator(".qlab-control-calibration input[type=checkbox]").click()
+        expect(rec).to_contain_text("method: gptq", timeout=30_000)
+        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
