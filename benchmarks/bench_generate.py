@@ -17,6 +17,9 @@ Every row except ``model.generate`` runs :class:`qlab.generate.Generator`: a sta
 one-token step, eager, or compiled with ``torch.compile(fullgraph=True)`` (``--backend``). qlab rows
 come as they are quantized (head float), and with ``+head+fuse``: the tied embedding and head as
 one int8 table (``quantize_embeddings``) and q/k/v, gate/up fused (:func:`qlab.fuse.fuse_projections`).
+``--attention eager`` adds those rows once more with transformers' eager attention (matmul, softmax,
+matmul) instead of SDPA, the model's default: for one query token that is less work for the compiler's
+generated code than SDPA's CPU flash-attention kernel.
 llama.cpp runs when ``llama-bench`` is found (``$LLAMA_CPP_BIN`` or ``PATH``) and ``--gguf`` names
 files: ``llama-bench --repack 0 -r 1`` once per round inside the round-robin (its AMX repack path
 crashes in these VMs), same threads. Its ``tg`` decodes from an empty context, ours after the prompt.
@@ -122,6 +125,10 @@ def build(args: argparse.Namespace) -> tuple[list[Candidate], list[str]]:
         for hf in (False, True):
             label = f"qlab {s}" + (" +head+fuse" if hf else "")
             cands.append(Candidate(label, quantized(SCHEMES[s], hf), qlab=True))
+        for attn in args.attention:  # the fastest recipe again, with another attention implementation
+            model = quantized(SCHEMES[s], True)
+            model.set_attn_implementation(attn)
+            cands.append(Candidate(f"qlab {s} +head+fuse {attn}-attn", model, qlab=True))
     if not args.quick and not args.no_peers:
         model, note = quanto_int4()
         if model is not None:
@@ -210,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--schemes", default="", help=f"comma list of qlab schemes (default: {list(SCHEMES)})")
     p.add_argument("--no-peers", action="store_true", help="skip transformers bf16 and optimum-quanto")
+    p.add_argument(
+        "--attention", default="",
+        help="comma list of attention implementations (e.g. 'eager') for extra +head+fuse rows "
+        "(the model's default is 'sdpa')",
+    )  # fmt: skip
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows (0: skip)")
     p.add_argument("--gguf", nargs="*", default=[], help="GGUF files for llama-bench (round-robin too)")
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.new, a.compile, a.ppl_windows, a.repeats = min(a.new, 16), "none", 0, min(a.repeats, 2)
     a.compile = [] if a.compile == "none" else [""] if a.compile == "all" else a.compile.split(",")
+    a.attention = [x for x in a.attention.split(",") if x]
     torch.set_num_threads(a.threads)
     from qlab.kernels.cpu import status
 
@@ -269,22 +282,24 @@ def main(argv: list[str] | None = None) -> None:
         f"tokens; prompt speed at {a.prefill} tokens; median of {a.repeats} round-robin"
     )
     print("(x = ratio to transformers fp32 in the same loop, eager)")
-    print(f"{'':<40}{'decode tok/s':>12}{'':>8}{'prompt tok/s':>13}{'':>8}{'ppl':>8}  text")
+    w = max(40, *(len(x.name) + 1 for x in [*cands, *llamas]))  # the name column fits the longest name
+    print(f"{'':<{w}}{'decode tok/s':>12}{'':>8}{'prompt tok/s':>13}{'':>8}{'ppl':>8}  text")
     rows: list[dict[str, Any]] = []
     for c in cands:
         d, pr = med(c.decode), med(c.prompt)
         ppl = f"{c.ppl:8.2f}" if c.ppl is not None else f"{'':8}"
         text = "" if c.text_same is None else ("= eager" if c.text_same else "DIFFERS")
         extra = " (end to end)" if c.hf_generate else ""
-        print(f"{c.name:<40}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{ppl}  {text}{extra}")
+        print(f"{c.name:<{w}}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{ppl}  {text}{extra}")
         rows.append({"name": c.name, "decode_tok_s": d, "prompt_tok_s": pr, "ppl": c.ppl,
                      "compiled": c.compiled, "text_same": c.text_same})  # fmt: skip
     for lb in llamas:
         if lb.error:
-            print(f"{lb.name:<40} {lb.error}")
+            print(f"{lb.name:<{w}} {lb.error}")
             continue
         d, pr = med(lb.decode), med(lb.prompt)
-        print(f"{lb.name:<40}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{'':8}  (llama-bench tg/pp)")
+        ratios = f"{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x"
+        print(f"{lb.name:<{w}}{ratios}{'':8}  (llama-bench tg/pp)")
         rows.append({"name": lb.name, "decode_tok_s": d, "prompt_tok_s": pr, "ppl": None,
                      "compiled": None, "text_same": None})  # fmt: skip
     for note in notes:
