@@ -290,11 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("(x = ratio to transformers fp32 in the same loop, eager)")
     w = max(40, *(len(x.name) + 1 for x in [*cands, *llamas]))  # the name column fits the longest name
-    print(f"{'':<{w}}{'decode tok/s':>12}{'':>8}{'prompt tok/s':>13}{'':>8}{'ppl':>8}  text")
+    print(f"{'':<{w}}{'decode tok/s':>12}{'':>8}{'prompt tok/s':>13}{'':>8}{'ppl':>9}  text")
     rows: list[dict[str, Any]] = []
     for c in cands:
         d, pr = med(c.decode), med(c.prompt)
-        ppl = f"{c.ppl:8.2f}" if c.ppl is not None else f"{'':8}"
+        ppl = f"{'':9}" if c.ppl is None else f"{c.ppl:9.2f}" if c.ppl < 1e5 else f"{c.ppl:9.2e}"
         text = "" if c.text_same is None else ("= eager" if c.text_same else "DIFFERS")
         extra = " (end to end)" if c.hf_generate else ""
         print(f"{c.name:<{w}}{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x{ppl}  {text}{extra}")
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         d, pr = med(lb.decode), med(lb.prompt)
         ratios = f"{d:>12.1f}{d / rd:>7.2f}x{pr:>13.1f}{pr / rp:>7.2f}x"
-        print(f"{lb.name:<{w}}{ratios}{'':8}  (llama-bench tg/pp)")
+        print(f"{lb.name:<{w}}{ratios}{'':9}  (llama-bench tg/pp)")
         rows.append({"name": lb.name, "decode_tok_s": d, "prompt_tok_s": pr, "ppl": None,
                      "compiled": None, "text_same": None})  # fmt: skip
     for note in notes:
