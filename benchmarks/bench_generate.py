@@ -8,7 +8,9 @@ Columns:
 
 * ``decode tok/s``: a 32-token prompt, then 64 new tokens; the time of the 63 one-token steps after
   the first new token (llama-bench's ``tg``), median over repeats.
-* ``prompt tok/s``: one forward pass over a 512-token prompt writing the cache (llama-bench's ``pp512``).
+* ``prompt tok/s``: one forward pass over a 512-token prompt writing the cache (llama-bench's ``pp512``),
+  eager, so only on eager rows: a compiled row compiles the one-token step, and its prompt pass would be
+  the eager row's again.
 * ``ppl``: perplexity of the eager model (16 windows of 512 tokens of the evaluation plays), for qlab
   rows, so that a speed-up never hides a quality change.
 * ``text``: whether the greedy 64 tokens equal those of the same model run eagerly (compiled rows).
@@ -18,8 +20,7 @@ one-token step, eager, or compiled with ``torch.compile(fullgraph=True)`` (``--b
 come as they are quantized (head float), and with ``+head+fuse``: the tied embedding and head as
 one int8 table (``quantize_embeddings``) and q/k/v, gate/up fused (:func:`qlab.fuse.fuse_projections`).
 ``--attention eager`` adds those rows once more with transformers' eager attention (matmul, softmax,
-matmul) instead of SDPA, the model's default: for one query token that is less work for the compiler's
-generated code than SDPA's CPU flash-attention kernel.
+matmul) instead of SDPA, the model's default, to compare the two in the compiled one-token step.
 llama.cpp runs when ``llama-bench`` is found (``$LLAMA_CPP_BIN`` or ``PATH``) and ``--gguf`` names
 files: ``llama-bench --repack 0 -r 1`` once per round inside the round-robin (its AMX repack path
 crashes in these VMs), same threads. Its ``tg`` decodes from an empty context, ours after the prompt.
@@ -76,7 +77,7 @@ class Candidate:
     qlab: bool = False
     hf_generate: bool = False  # transformers' own model.generate (dynamic cache, eager)
     gen: Any = None  # the decode loop (cache: prompt + new tokens)
-    prefill_gen: Any = None  # the prompt-speed loop (cache: --prefill + 1), never compiled
+    prefill_gen: Any = None  # the prompt-speed loop (cache: --prefill + 1), eager rows only
     decode: list[float] = field(default_factory=list)
     prompt: list[float] = field(default_factory=list)
     ppl: float | None = None
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
             # every step attends over all its slots, so a 513-slot cache would time attention over
             # padding (about 4 ms of a 13.5 ms int4 token). The prompt column gets its own cache.
             c.gen = Generator(c.model, a.prompt + a.new, compile=c.compiled, backend=a.backend)
-            c.prefill_gen = Generator(c.model, a.prefill + 1, backend=a.backend)
+            if not c.compiled:
+                c.prefill_gen = Generator(c.model, a.prefill + 1, backend=a.backend)
             ids = c.gen.generate(prompt, a.new).ids
             if c.compiled:
                 c.compile_s = time.perf_counter() - t0
@@ -262,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         done = f" (compiled in {c.compile_s:.0f} s)" if c.compile_s is not None else ""
         print(f"  ready: {c.name}{done}", flush=True)
     prefill = {
-        c.name: (lambda c=c: c.prefill_gen.generate(long_prompt, 1)) for c in cands if not c.hf_generate
+        c.name: (lambda c=c: c.prefill_gen.generate(long_prompt, 1))
+        for c in cands
+        if c.prefill_gen is not None
     }
     for _ in range(a.repeats):
         for c in cands:
