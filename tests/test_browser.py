@@ -162,25 +162,37 @@ def _sqnr(page) -> float:
 
 
 def _run_cell(page, cell) -> None:
-    """Run ``cell`` in place (Ctrl+Enter) once the kernel takes it: a run sent before the page has connected
-    to the kernel is dropped, so retry until the prompt shows ``[*]`` or a count."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    """Run ``cell`` in place (Ctrl+Enter) and wait until it has finished.
+
+    A run sent before the page has connected to the kernel is dropped, so the run is retried while the
+    prompt still shows no ``[*]`` or count. A second Ctrl+Enter on a run that *was* taken would run the cell
+    twice, and the second run replaces the widget the test has started to drive (seen in CI under load), so
+    each try waits long for the prompt, and the test goes on only once the run is done and the kernel idle.
+    """
+    from playwright.sync_api import expect
+
+    prompt = cell.locator(".jp-InputPrompt")
+    deadline = time.monotonic() + 120
+    while True:
         dialog = page.locator(".jp-Dialog button.jp-mod-accept")  # "Select Kernel", should it appear
         if dialog.count():
             dialog.first.click()
-        cell.locator(".cm-content").click()
-        page.keyboard.press("Control+Enter")
+        if not re.search(r"\[(\*|\d+)\]", prompt.inner_text()):
+            cell.locator(".cm-content").click()
+            page.keyboard.press("Control+Enter")
         try:
             page.wait_for_function(
-                "el => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
-                arg=cell.locator(".jp-InputPrompt").element_handle(),
-                timeout=5_000,
+                "el => /\\[(\\*|\\d+)\\]/.test(el.textContent)", arg=prompt.element_handle(), timeout=15_000
             )
-            return
-        except Exception:  # playwright's TimeoutError: not taken yet
-            continue
-    raise AssertionError("the kernel never ran the widget cell")
+            break
+        except Exception as error:  # playwright's TimeoutError: not taken yet
+            if time.monotonic() > deadline:
+                raise AssertionError("the kernel never took the widget cell") from error
+    # done: a count in the prompt, and the kernel idle (no second run queued behind it)
+    page.wait_for_function(
+        "el => /\\[\\d+\\]/.test(el.textContent)", arg=prompt.element_handle(), timeout=120_000
+    )
+    expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
 
 
 @contextlib.contextmanager
