@@ -93,17 +93,24 @@ def _cpu_kernels() -> Any:
     return cpu if cpu.load() is not None else None
 
 
+def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The tensors held in a layer's path cache (nested in tuples, lists, dicts and CPU weights too)."""
+    if isinstance(cache, torch.Tensor):
+        yield cache
+    elif hasattr(cache, "tensors"):  # a qlab.kernels.cpu.CpuWeight
+        for t in cache.tensors():
+            yield from cache_tensors(t)
+    elif isinstance(cache, dict):
+        for v in cache.values():
+            yield from cache_tensors(v)
+    elif isinstance(cache, (tuple, list)):
+        for v in cache:
+            yield from cache_tensors(v)
+
+
 def cache_nbytes(cache: Any) -> int:
     """Bytes of the converted weights held in a layer's path cache (nested tuples and lists too)."""
-    if isinstance(cache, torch.Tensor):
-        return cache.numel() * cache.element_size()
-    if hasattr(cache, "tensors"):  # a qlab.kernels.cpu.CpuWeight
-        return sum(cache_nbytes(t) for t in cache.tensors())
-    if isinstance(cache, dict):
-        return sum(cache_nbytes(v) for v in cache.values())
-    if isinstance(cache, (tuple, list)):
-        return sum(cache_nbytes(v) for v in cache)
-    return 0
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
 #: The scale a float-zero block with ``scale = 0`` (every value equal to its offset ``m``) takes in
@@ -489,6 +496,18 @@ PREPARE_ROWS: tuple[int, ...] = (1, 64)
 def _is_layer(module: Any) -> bool:
     """A module this dispatch runs (a QuantLinear, known by its buffers and path cache)."""
     return hasattr(module, "_cache") and hasattr(module, "qweight") and hasattr(module, "spec")
+
+
+def converted_tensors(module: Any) -> list[torch.Tensor]:
+    """Every tensor the path caches of the layers in ``module`` hold (what :func:`prepare` built), each
+    once, in module order. Compiled code reads them as constants: ``qlab.generate``'s ahead-of-time
+    step names them so that it can share them with the model instead of copying them."""
+    seen: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        if _is_layer(sub):
+            for t in cache_tensors(sub._cache):
+                seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 @torch.no_grad()
