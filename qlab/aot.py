@@ -101,7 +101,12 @@ class AotStep:
             warnings.simplefilter("ignore")
             program = torch.export.export(module, example, strict=True)
         state = {**program.state_dict, **program.constants}
-        with tempfile.TemporaryDirectory(prefix="qlab-aot-") as tmp, torch.no_grad():
+        with (
+            tempfile.TemporaryDirectory(prefix="qlab-aot-") as tmp,
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not ours
             path = torch._inductor.aoti_compile_and_package(
                 program,
                 package_path=os.path.join(tmp, "step.pt2"),
@@ -121,6 +126,11 @@ class AotStep:
         # The runner keeps only pointers: holding the tensors here keeps them alive as long as it.
         self._state = {n: state[n] for n in names}
         self._runner.load_constants(self._state, check_full_update=True, user_managed=True)
+
+    @property
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The tensors the compiled step reads and writes, by name: the model's and the cache's own."""
+        return dict(self._state)
 
     def stale(self, model: nn.Module, cache: Any) -> bool:
         """Whether ``model`` or ``cache`` has changed since the step was built (see the module doc)."""

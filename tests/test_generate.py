@@ -9,6 +9,8 @@ so logits are equal bit for bit and greedy text is identical.
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import Iterator
 
@@ -135,6 +137,8 @@ def test_generate_checks_its_arguments(model):
         gen.generate(torch.zeros(2, 3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="max_len must be"):
         Generator(model, 1)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Generator(model, 8, compile="jit")
     out = gen.generate(_ids(3, 0), 4, eos_token_id=int(gen.generate(_ids(3, 0), 1).ids[0, -1]))
     assert out.ids.shape[1] == 4  # stopped after the end token, which is kept
 
@@ -228,3 +232,68 @@ def test_fused_projections_equal_separate_layers(model):
         ids = _ids(7, 9)
         want = Generator(model, 20).generate(ids, 8).ids
         assert torch.equal(Generator(fused, 20, compile=True, backend="aot_eager").generate(ids, 8).ids, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ahead-of-time step (qlab.aot)
+# ------------------------------------------------------------------------------------------------
+NEEDS_CXX = pytest.mark.skipif(
+    not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
+    reason="AOTInductor needs a C++ compiler",
+)
+
+
+def _cache_state(gen: Generator) -> list[torch.Tensor]:
+    return [t for layer in gen.cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+
+
+@NEEDS_CXX
+@pytest.mark.slow
+def test_aot_step_equals_eager_and_follows_the_model():
+    """``compile="aot"`` on the fastest recipe (int4 body, int8 tied head, fused projections; 2 layers):
+    eager's greedy text and the same KV cache (every slot, and the length) for two prompt lengths from one
+    build; the compiled step reads the model's own tensors (nothing copied); weights changed in place are
+    seen without a rebuild, a changed module tree rebuilds it."""
+    from qlab.aot import AotStep
+    from qlab.fuse import fuse_projections
+    from qlab.nn.dispatch import converted_tensors
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    recipe = QuantConfig(
+        "rtn", 4, 32, quantize_embeddings=True, overrides={"lm_head": {"bits": 8, "group_size": None}}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(model, recipe, progress=False)
+    fuse_projections(model)
+    eager, aot = Generator(model, 24), Generator(model, 24, compile="aot")
+
+    def same(ids: torch.Tensor) -> torch.Tensor:
+        want = eager.generate(ids, 10).ids
+        assert torch.equal(aot.generate(ids, 10).ids, want)
+        for e, a in zip(_cache_state(eager), _cache_state(aot), strict=True):
+            assert torch.allclose(e.float(), a.float(), rtol=1e-5, atol=1e-5)  # compiled RoPE: last bits
+        return want
+
+    before = same(_ids(8, 4))
+    step = aot._aot_step
+    assert isinstance(step, AotStep)
+    same(_ids(5, 5))  # another prompt length: the same step
+    assert aot._aot_step is step
+    own = [*model.parameters(), *model.buffers(), *converted_tensors(model), *_cache_state(aot)]
+    ptrs = {t.data_ptr() for t in own}
+    assert step.constants and all(t.data_ptr() in ptrs for t in step.constants.values())
+
+    with torch.no_grad():
+        model.model.norm.weight.mul_(-1)  # in place: the step reads it where it is
+    flipped = same(_ids(8, 4))
+    assert aot._aot_step is step and not torch.equal(flipped, before)
+
+    model.model.norm = torch.nn.Sequential(model.model.norm, Negate())  # a new module tree: rebuilt
+    assert torch.equal(same(_ids(8, 4)), before)
+    assert aot._aot_step is not step
