@@ -16,7 +16,9 @@ Columns:
 * ``text``: whether the greedy 64 tokens equal those of the same model run eagerly (compiled rows).
 
 Every row except ``model.generate`` runs :class:`qlab.generate.Generator`: a static KV cache and a
-one-token step, eager, or compiled with ``torch.compile(fullgraph=True)`` (``--backend``). qlab rows
+one-token step, eager, or compiled with ``torch.compile(fullgraph=True)`` (``--compile``, ``--backend``),
+or exported and compiled ahead of time by AOTInductor (``--aot``, :mod:`qlab.aot`: no Python or Dynamo
+between a token's kernels; about 30-45 s to build each). qlab rows
 come as they are quantized (head float), and with ``+head+fuse``: the tied embedding and head as
 one int8 table (``quantize_embeddings``) and q/k/v, gate/up fused (:func:`qlab.fuse.fuse_projections`).
 ``--attention eager`` adds those rows once more with transformers' eager attention (matmul, softmax,
@@ -73,7 +75,7 @@ QUICK_SCHEMES = ("int8", "int4 g64")
 class Candidate:
     name: str
     model: nn.Module
-    compiled: bool = False
+    compiled: bool | str = False  # Generator's compile: True (torch.compile) or "aot"
     qlab: bool = False
     hf_generate: bool = False  # transformers' own model.generate (dynamic cache, eager)
     gen: Any = None  # the decode loop (cache: prompt + new tokens)
@@ -137,12 +139,13 @@ def build(args: argparse.Namespace) -> tuple[list[Candidate], list[str]]:
             cands.append(Candidate("quanto int4 (bf16)", model))
         else:
             notes.append(note)
-    if args.compile:
-        wanted = [c for c in cands if not c.hf_generate and any(w in c.name for w in args.compile)]
-        for c in wanted:
-            cc = Candidate(c.name + " compiled", c.model, compiled=True, qlab=c.qlab)
-            cands.insert(cands.index(c) + 1, cc)
-    return cands, notes
+    rows = []  # each candidate, then its compiled and ahead-of-time rows
+    for c in cands:
+        rows.append(c)
+        for mode, fragments, suffix in ((True, args.compile, " compiled"), ("aot", args.aot, " aot")):
+            if not c.hf_generate and any(w in c.name for w in fragments):
+                rows.append(Candidate(c.name + suffix, c.model, compiled=mode, qlab=c.qlab))
+    return rows, notes
 
 
 def time_generate(c: Candidate, prompt: torch.Tensor, new: int) -> torch.Tensor:
@@ -217,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         "--compile", default="all",
         help="comma list of name fragments of candidates to also run compiled ('all', or 'none')",
     )  # fmt: skip
+    p.add_argument(
+        "--aot", default="none",
+        help="comma list of name fragments of candidates to also run ahead-of-time compiled ('all', 'none')",
+    )  # fmt: skip
     p.add_argument("--schemes", default="", help=f"comma list of qlab schemes (default: {list(SCHEMES)})")
     p.add_argument("--no-peers", action="store_true", help="skip transformers bf16 and optimum-quanto")
     p.add_argument(
@@ -230,8 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="", help="also write the table to this JSON file")
     a = p.parse_args(argv)
     if a.quick:
-        a.new, a.compile, a.ppl_windows, a.repeats = min(a.new, 16), "none", 0, min(a.repeats, 2)
+        a.new, a.compile, a.aot, a.ppl_windows = min(a.new, 16), "none", "none", 0
+        a.repeats = min(a.repeats, 2)
     a.compile = [] if a.compile == "none" else [""] if a.compile == "all" else a.compile.split(",")
+    a.aot = [] if a.aot == "none" else [""] if a.aot == "all" else a.aot.split(",")
     a.attention = [x for x in a.attention.split(",") if x]
     torch.set_num_threads(a.threads)
     from qlab.kernels.cpu import status
@@ -261,8 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                 c.text_same = torch.equal(ids, eager_ids[id(c.model)])
             else:
                 eager_ids[id(c.model)] = ids
-        done = f" (compiled in {c.compile_s:.0f} s)" if c.compile_s is not None else ""
+        done = f" (built in {c.compile_s:.0f} s)" if c.compile_s is not None else ""
         print(f"  ready: {c.name}{done}", flush=True)
+    for c in cands:  # warm again: an ahead-of-time build (strict torch.export) makes compiled steps recompile
+        if not c.hf_generate:
+            c.gen.generate(prompt, a.new)
     prefill = {
         c.name: (lambda c=c: c.prefill_gen.generate(long_prompt, 1))
         for c in cands
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {a.json}")
     comp = [c for c in cands if c.compile_s is not None]
     if comp:
-        print("compile time (s): " + ", ".join(f"{c.name}: {c.compile_s:.0f}" for c in comp))
+        print("first call, compile included (s): " + ", ".join(f"{c.name}: {c.compile_s:.0f}" for c in comp))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ model's weights and writes the same cache that an eager prompt pass fills.
 What it cannot see: the exported graph is the model as it was when it was built. :class:`AotStep`
 keeps a fingerprint (modules, tensors, the forced path) and :meth:`AotStep.stale` says when it no
 longer matches; :class:`qlab.generate.Generator` then builds a new one, as Dynamo would recompile.
-Weights changed in place are seen without a rebuild (they are the same tensors).
+Weights changed in place are seen without a rebuild (they are the same tensors). Building one has a
+cost elsewhere: a strict ``torch.export`` makes every ``torch.compile``'d function in the process
+compile again on its next call (measured: any strict export does; a non-strict one does not, but it
+cannot see the cache's tensors as the module's buffers and bakes them in as constants).
 
 Needs what Inductor needs on CPU (a C++ compiler), and time: about 30 s for SmolLM2-135M here.
 """
