@@ -60,6 +60,7 @@ __all__ = [
     "kernel_bits",
 ]
 
+from qlab.kernels import cpu_native
 from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, load, status
 from qlab.kernels.cpu_library import _load_default as _load_library
 from qlab.kernels.cpu_ops import (
@@ -351,11 +352,15 @@ def gemv_int8dot(
 
     ``planes=1`` (8-bit codes only) is W8A8: one plane, ``q1 = round(x / sx)``, the per-token int8
     activations of :func:`qlab.affine.quantize_rows_int8`, multiplied exactly with the int8 weights.
-    Runs ``torch.ops.qlab.gemv_int8dot``; with ``lib`` (another build of ``cpu.c``) it calls that
-    library directly instead.
+    Runs ``torch.ops.qlab.gemv_int8dot``, or ``torch.ops.qlab.gemv_int8dot_native`` within
+    :func:`qlab.kernels.cpu_native.preferred`; with ``lib`` (another build of ``cpu.c``) it
+    calls that library directly instead.
     """
     args = (x, w.codes, w.scale_t, w.zero_t, w.levels, w.bits, w.group_size, planes)
-    return _GEMV_INT8DOT(*args) if lib is None else _gemv_int8dot_kernel(lib, *args)
+    if lib is not None:
+        return _gemv_int8dot_kernel(lib, *args)
+    # in a cpu_native.preferred() block (qlab.aot's export), the C++ operator: same kernel and checks
+    return torch.ops.qlab.gemv_int8dot_native(*args) if cpu_native.active() else _GEMV_INT8DOT(*args)
 
 
 def gemv(x: torch.Tensor, w: CpuWeight | Fp8Weight, lib: ctypes.CDLL | None = None) -> torch.Tensor:

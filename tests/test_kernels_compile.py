@@ -325,3 +325,65 @@ def test_triton_op_route_captures_the_kernels():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "2 [1, 2]", out.stdout + out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ operator for the int8-dot decode kernel (qlab.kernels.cpu_native), as qlab.aot uses it
+# ------------------------------------------------------------------------------------------------
+NATIVE_CASES = [("rows16_int4", 2), ("rows16_nf4", 2), ("rows16_int8", 2), ("rows16_int8", 1)]
+
+
+@pytest.fixture(scope="module")
+def native() -> Any:
+    """``torch.ops.qlab.gemv_int8dot_native``, built on first use (about 10 s), or a skip saying why."""
+    from qlab.kernels import cpu_native
+
+    if cpu.load() is None or not cpu_native.load():
+        pytest.skip(f"the C++ operator is unavailable: {cpu_native.status()}")
+    return torch.ops.qlab.gemv_int8dot_native.default
+
+
+@NEEDS_C
+@pytest.mark.parametrize("key,planes", NATIVE_CASES, ids=[f"{k}-p{p}" for k, p in NATIVE_CASES])
+def test_native_operator_equals_the_python_one(native, key, planes):
+    """The same C function behind both: equal bit for bit, batch 1, a few rows and none; and opcheck."""
+    for m in (1, 5, 0):
+        op, args = _op_args("gemv_int8dot", key, _x(m, seed=m), planes=planes)
+        assert torch.equal(native(*args), op(*args))
+    torch.library.opcheck(native, _op_args("gemv_int8dot", key, _x(3), planes=planes)[1])
+    xb = _x(2).bfloat16()  # any float x, as the Python operator takes
+    assert torch.equal(native(xb, *args[1:]), op(xb, *args[1:]))
+
+
+@NEEDS_C
+def test_native_operator_rejects_bad_sizes_before_any_pointer(native):
+    _, args = _op_args("gemv_int8dot", "rows16_int4", _x(2))
+    strided = args[1].transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="codes must be a contiguous CPU"):
+        native(args[0], strided, *args[2:])
+    with pytest.raises(ValueError, match=r"x must be a CPU tensor of shape \[M, 256\]"):
+        native(_x(2)[:, :128], *args[1:])
+    with pytest.raises(ValueError, match="scale_t must be a contiguous CPU"):
+        native(args[0], args[1], args[2][:, :1].contiguous(), *args[3:])
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        native(args[0].long(), *args[1:])
+    with pytest.raises(ValueError, match="planes must be 2, or 1 for 8-bit"):
+        native(*args[:-1], 1)
+    with pytest.raises(ValueError, match="group_size=48 does not fit K=256"):
+        native(*args[:-2], 48, 2)
+
+
+@NEEDS_C
+def test_native_operator_only_where_preferred(native):
+    """``cpu_native.preferred()`` switches cpu.gemv_int8dot to the C++ operator in its block only."""
+    from qlab.kernels import cpu_native
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def ops() -> set[str]:
+        gm = make_fx(lambda x: cpu.gemv_int8dot(x, W["rows16_int4"]))(_x(1))
+        return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    assert ops() == {"qlab.gemv_int8dot.default"}
+    with cpu_native.preferred() as ok:
+        assert ok and ops() == {"qlab.gemv_int8dot_native.default"}
+    assert ops() == {"qlab.gemv_int8dot.default"} and not cpu_native.active()
