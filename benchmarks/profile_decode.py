@@ -79,7 +79,8 @@ def measure(
     gen = make()
     gen.generate(prompt, 8)  # warm up (and compile)
     unprofiled = statistics.median(gen.generate(prompt, tokens + 1).step_s) * 1e3
-    if compiled:  # built afresh: the graph cache would hand back the plain build
+    if compiled:  # built afresh: Dynamo's cache and Inductor's graph cache would hand back the plain build
+        torch._dynamo.reset()
         with inductor_config.patch({"cpp.enable_kernel_profile": True, "fx_graph_cache": False}):
             gen = make()
             gen.generate(prompt, 8)

@@ -21,7 +21,8 @@ cost elsewhere: a strict ``torch.export`` makes every ``torch.compile``'d functi
 compile again on its next call (measured: any strict export does; a non-strict one does not, but it
 cannot see the cache's tensors as the module's buffers and bakes them in as constants).
 
-Needs what Inductor needs on CPU (a C++ compiler), and time: about 30 s for SmolLM2-135M here.
+Needs what Inductor needs on CPU (a C++ compiler), and time: 41-55 s for SmolLM2-135M here (export, then a
+C++ build of the step), plus about 10 s once per machine for the C++ decode operator.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class AotStep:
             # are reset within the step (qlab.nn.fused), so the graph does not depend on them.
             warnings.simplefilter("ignore")
             # The int8-dot decode kernel as a C++ operator: with no Python wrapper left, the Python
-            # operator's own checks and ctypes call were a fifth of a SmolLM2 token (7.0 vs 5.3 ms).
+            # operator's own checks and ctypes call were a quarter of a SmolLM2 token (7.0 vs 5.3 ms).
             with cpu_native.preferred():
                 program = torch.export.export(module, example, strict=True)
         state = {**program.state_dict, **program.constants}

@@ -77,9 +77,9 @@ class Generator:
             call about 4 ms slower (13.5 vs 9.4 ms) than a 97-slot one.
         compile: ``False`` runs the step eagerly; ``True`` compiles it with
             ``torch.compile(fullgraph=True, dynamic=False)``; ``"aot"`` exports it and compiles it
-            ahead of time with AOTInductor (:class:`qlab.aot.AotStep`: no Python or Dynamo per token,
-            weights and cache shared with the model; about 30 s to build for SmolLM2-135M, against
-            10 s for ``True``, and 9.2 -> 6.5 ms a token for int4 there, measured side by side).
+            ahead of time with AOTInductor (:class:`qlab.aot.AotStep`: no Dynamo, no Python between a
+            token's kernels, weights and cache shared with the model; 41-55 s to build for SmolLM2-135M,
+            against 10 s for ``True``, and 9.0 -> 5.0 ms a token for int4 g64 there, side by side).
         compile_prefill: compile the prompt pass too (one graph per prompt length).
         backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``); an
             ``"aot"`` step always uses AOTInductor (the prompt pass, with ``compile_prefill``, this).
