@@ -85,6 +85,24 @@ class _Exportable(nn.Module):
         return self._step(token, pos)
 
 
+def _compile(program: torch.export.ExportedProgram, path: str, packaged: bool) -> Any:
+    """AOTInductor's runner for ``program``; its constants inside the library only with ``packaged``."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not ours
+        path = torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=path,
+            # The constants are runtime state here: Inductor's folding of uniform-valued constants
+            # baked the cache's length (a 0-dim tensor, 8 after an 8-token prompt) into the code,
+            # and every step wrote its keys to slot 8.
+            inductor_configs={
+                "aot_inductor.package_constants_in_so": packaged,
+                "joint_graph_constant_folding": False,
+            },
+        )
+        return torch._inductor.aoti_load_package(path)
+
+
 class AotStep:
     """``step(token [1, 1], pos [1]) -> token [1, 1]``, exported and compiled by AOTInductor.
 
@@ -109,35 +127,24 @@ class AotStep:
             with cpu_native.preferred():
                 program = torch.export.export(module, example, strict=True)
         state = {**program.state_dict, **program.constants}
-        with (
-            tempfile.TemporaryDirectory(prefix="qlab-aot-") as tmp,
-            torch.no_grad(),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not ours
-            path = torch._inductor.aoti_compile_and_package(
-                program,
-                package_path=os.path.join(tmp, "step.pt2"),
-                # The constants are runtime state here: Inductor's folding of uniform-valued constants
-                # baked the cache's length (a 0-dim tensor, 8 after an 8-token prompt) into the code,
-                # and every step wrote its keys to slot 8.
-                inductor_configs={
-                    "aot_inductor.package_constants_in_so": False,
-                    "joint_graph_constant_folding": False,
-                },
-            )
-            self._runner = torch._inductor.aoti_load_package(path)
-        names = self._runner.get_constant_fqns()
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise RuntimeError(f"the exported step reads constants qlab cannot name: {missing[:5]}")
+        with tempfile.TemporaryDirectory(prefix="qlab-aot-") as tmp:
+            # First without any constant inside the library, every one shared. Inductor can add
+            # constants of its own (on torch's int4/int8 paths, with the C kernels off): no tensor of
+            # ours to share, so then the library is built again holding them, and shares the rest.
+            for packaged in (False, True):
+                self._runner = _compile(program, os.path.join(tmp, f"step{int(packaged)}.pt2"), packaged)
+                names = self._runner.get_constant_fqns()
+                self.packaged = [n for n in names if n not in state]
+                if not self.packaged:
+                    break
         # The runner keeps only pointers: holding the tensors here keeps them alive as long as it.
-        self._state = {n: state[n] for n in names}
-        self._runner.load_constants(self._state, check_full_update=True, user_managed=True)
+        self._state = {n: state[n] for n in names if n in state}
+        self._runner.load_constants(self._state, check_full_update=not self.packaged, user_managed=True)
 
     @property
     def constants(self) -> dict[str, torch.Tensor]:
-        """The tensors the compiled step reads and writes, by name: the model's and the cache's own."""
+        """The tensors the compiled step reads and writes, by name: the model's and the cache's own.
+        (``packaged`` lists the constants Inductor made itself, held inside the library instead.)"""
         return dict(self._state)
 
     def stale(self, model: nn.Module, cache: Any) -> bool:
