@@ -562,4 +562,9 @@ def run(layer: Layer, x: torch.Tensor, path: str) -> torch.Tensor:
     y = y2.reshape(*lead, layer.out_features)
     if layer.bias is not None:
         y = y.float() + layer.bias.float()
+    if not y.is_contiguous():
+        # Row-major, as F.linear returns: the tiles' product is a transposed view, and a column-major
+        # output made every later op copy and sent SDPA from its flash kernel to the math path.
+        # (``Tensor.to(memory_format=...)`` keeps the strides when the dtype does not change.)
+        return torch.empty(y.shape, dtype=x.dtype, device=y.device).copy_(y)
     return y.to(x.dtype)
