@@ -61,8 +61,7 @@ __all__ = [
 ]
 
 from qlab.kernels import cpu_native
-from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, load, status
-from qlab.kernels.cpu_library import _load_default as _load_library
+from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, load, load_default, status
 from qlab.kernels.cpu_ops import (
     _FP8_GEMV,
     _FP8_TILED_MATMUL,
@@ -398,4 +397,4 @@ def tiled_matmul(
     return _TILED_MATMUL(*args) if lib is None else _tiled_matmul_kernel(lib, *args)
 
 
-_load_library()
+load_default()

@@ -27,7 +27,8 @@ _P = ctypes.c_void_p
 _L = ctypes.c_long
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where built kernels live: ``$QLAB_CACHE/kernels``, else ``~/.cache/qlab/kernels``."""
     env = os.environ.get("QLAB_CACHE")
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "qlab") / "kernels"
 
@@ -44,7 +45,7 @@ def build(out_dir: str | os.PathLike[str] | None = None, flags: tuple[str, ...] 
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + repr((flags, cc)).encode()).hexdigest()[:16]
-    root = Path(out_dir) if out_dir is not None else _cache_root()
+    root = Path(out_dir) if out_dir is not None else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"qlab_cpu_{key}.so"
     if target.exists():
@@ -84,14 +85,17 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _load_default() -> None:
-    """Build (or find in the cache) and bind the default library, once, when this module is imported.
+def load_default() -> None:
+    """Build (or find in the cache) and bind the default library, once per process (later calls return
+    at once). :mod:`qlab.kernels.cpu` calls it when imported.
 
     At import rather than on the first kernel call, so that ``torch.compile`` never traces into the
     build (a lock, a subprocess, file I/O): Dynamo cannot, and with ``fullgraph=True`` a QuantLinear
     compiled before its first eager call failed there.
     """
     global _lib, _status
+    if _status != "not loaded yet":
+        return
     if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
         _status = "disabled by QLAB_CPU_KERNELS=0"
         return

@@ -44,16 +44,15 @@ def load() -> bool:
     global _loaded, _status
     if _loaded or not _status.startswith("not loaded"):
         return _loaded
-    from qlab.kernels import cpu  # builds and loads the C library on first import
-
-    lib = cpu.load()
+    cpu_library.load_default()
+    lib = cpu_library.load()
     if lib is None:
         _status = f"unavailable: it calls qlab's C kernels, which are {cpu_library.status()}"
         return False
     try:
         from torch.utils import cpp_extension
 
-        build_dir = cpu_library._cache_root() / "native"
+        build_dir = cpu_library.cache_root() / "native"
         build_dir.mkdir(parents=True, exist_ok=True)
         path = cpp_extension.load(
             name=f"qlab_native_abi{cpu_library.ABI}",
