@@ -86,6 +86,34 @@ def test_qat_is_deterministic_and_works_under_no_grad() -> None:
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
+def test_qat_in_fp64_matches_a_plain_torch_fp64_loop_and_ignores_summation_order() -> None:
+    w, x = _layer(2)
+    spec = QuantSpec.per_group(2, 32)
+    qt = qat_quantize(w, x, spec, steps=40, dtype=torch.float64)
+    assert qt.dtype == torch.float32 and qt.dequantize().dtype == torch.float32
+    ref = _qat_by_hand(w.double(), x.double(), 2, 32, steps=40, lr=3e-4)
+    close = torch.isclose(qt.dequantize().double(), ref, rtol=0, atol=1e-6).float().mean().item()
+    assert close > 0.99
+
+
+def test_qat_in_fp64_does_not_depend_on_summation_order() -> None:
+    # The same layer with its input features permuted: every matmul sums in another order, as another
+    # CPU's kernels would. One group per row, so quantization itself is permutation-equivariant.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    x = torch.randn(256, 128, generator=gen) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=gen))
+    perm = torch.randperm(128, generator=gen)
+    spec = QuantSpec.per_group(2, 128)
+
+    def moved(dtype: torch.dtype) -> int:
+        a = qat_quantize(w, x, spec, steps=100, dtype=dtype).dequantize()
+        b = qat_quantize(w[:, perm], x[:, perm], spec, steps=100, dtype=dtype).dequantize()
+        return int((a[:, perm] != b).sum())
+
+    assert moved(torch.float32) > 0  # fp32 is chaotic: ulps flip codes, which change the next gradients
+    assert moved(torch.float64) == 0
+
+
 def test_bad_input_gets_a_clear_error() -> None:
     w, x = _layer()
     spec = QuantSpec.per_group(2, 32)
@@ -103,3 +131,5 @@ def test_bad_input_gets_a_clear_error() -> None:
         qat_quantize(w, x, spec, lr=float("nan"))
     with pytest.raises(ValueError, match="inputs"):
         qat_quantize(w, torch.ones(4, 64, dtype=torch.long), spec)
+    with pytest.raises(ValueError, match="dtype must be"):
+        qat_quantize(w, x, spec, dtype=torch.float16)

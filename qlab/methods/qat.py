@@ -44,6 +44,7 @@ def qat_quantize(
     *,
     steps: int = 200,
     lr: float = 3e-4,
+    dtype: torch.dtype = torch.float32,
 ) -> QuantizedTensor:
     """Quantize a Linear weight ``w`` [out, in] after ``steps`` Adam steps of straight-through training.
 
@@ -53,8 +54,13 @@ def qat_quantize(
         spec: any spec :func:`qlab.quantize.quantize` accepts.
         steps: training steps (full batch: all of ``inputs`` at every step).
         lr: Adam's starting learning rate, decayed to 0 on a cosine.
+        dtype: the float type the loop trains in (``torch.float32`` or ``torch.float64``).
 
     Returns ``quantize(v, spec)`` of the trained latent weight ``v``. Deterministic: no random draw.
+    But in fp32 the loop is chaotic: a matmul summed in another order (another CPU's kernels) nudges
+    ``v`` by an ulp, a code flips at a rounding boundary, the next gradient changes, and after 200
+    steps a large share of the codes can differ. In fp64 those nudges stay far below every boundary,
+    so the same codes come out on any machine, at about twice the cost on a CPU.
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -68,10 +74,12 @@ def qat_quantize(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
-    x = inputs.detach().float().reshape(-1, w.shape[1])
-    target = x @ w.detach().float().T
-    v = w.detach().float().clone().requires_grad_(True)
+    x = inputs.detach().to(dtype).reshape(-1, w.shape[1])
+    target = x @ w.detach().to(dtype).T
+    v = w.detach().to(dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     with torch.enable_grad():  # callers often sit under no_grad (model code, evaluation)
@@ -81,4 +89,6 @@ def qat_quantize(
             loss.backward()
             opt.step()
             sched.step()
-    return quantize(v.detach(), spec)
+    qt = quantize(v.detach(), spec)
+    qt.dtype = w.dtype  # it stands for w: dequantize() gives w's dtype whatever the loop ran in
+    return qt
