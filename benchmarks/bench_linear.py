@@ -1,6 +1,7 @@
 """CPU speed of one 4096x4096 linear layer: fp32/bf16 ``F.linear`` vs qlab's quantized layers vs peers.
 
-Run: ``python benchmarks/bench_linear.py [--size 4096] [--batches 1,64] [--repeats 20] [--model]``
+Run: ``python benchmarks/bench_linear.py [--size 4096] [--batches 1,64] [--repeats 20] [--model]
+[--every-path]``
 
 Everything runs in one process on the same weight, timed round-robin so that the drift of a shared
 machine hits every candidate alike; the ratios to fp32 are what to read. By default the caches are
@@ -35,7 +36,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]
 from qlab.kernels.cpu import status as cpu_status  # noqa: E402
 
 from qlab.config import QuantConfig  # noqa: E402
-from qlab.nn import QuantLinear, select_path  # noqa: E402
+from qlab.nn import PATH_TABLE, PATHS, QuantLinear, select_path, use_path  # noqa: E402
 
 
 def round_robin_ms(
@@ -126,7 +127,27 @@ def bnb_layers(lin: nn.Linear) -> tuple[dict[str, Callable[[torch.Tensor], torch
     return out, ""
 
 
-def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: bool = True) -> None:
+def path_candidates(layers: dict[str, QuantLinear]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Each qlab layer on every CPU path that fits it, forced by name (``--every-path``): what the
+    selection rules in ``qlab.nn.dispatch`` choose between, timed side by side."""
+    probe = torch.zeros(1, 1)
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name, layer in layers.items():
+        for path in PATHS:
+            if path in ("reference", "triton") or not PATH_TABLE[path].fits(layer, probe):
+                continue
+
+            def forced(x: torch.Tensor, layer: QuantLinear = layer, path: str = path) -> torch.Tensor:
+                with use_path(path):
+                    return layer(x)
+
+            out[f"{name} [{path}]"] = forced
+    return out
+
+
+def bench_layer(
+    size: int, batches: list[int], repeats: int, peers: bool, cold: bool = True, every_path: bool = False
+) -> None:
     torch.manual_seed(0)
     evict = torch.zeros(64 * 2**20) if cold else None  # 256 MB, more than this machine's caches
     lin = nn.Linear(size, size, bias=False)
@@ -137,6 +158,8 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: 
     }
     layers = qlab_layers(lin)
     candidates.update(layers)
+    if every_path:
+        candidates.update(path_candidates(layers))
     notes = []
     if peers:
         for make in (quanto_layers, bnb_layers):
@@ -150,8 +173,9 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: 
     print("(ms; ratio = fp32 / this)")
     for note in notes:
         print(f"  note: {note}")
-    print(f"{'':<22}" + "".join(f"{'batch ' + str(b):>22}" for b in batches))
     names = ["fp32 F.linear", *candidates]
+    width = max(22, max(len(n) for n in names) + 2)
+    print(f"{'':<{width}}" + "".join(f"{'batch ' + str(b):>22}" for b in batches))
     fns = {"fp32 F.linear": lambda x: F.linear(x, w32), **candidates}
     rows: dict[str, list[str]] = {name: [] for name in names}
     with torch.inference_mode():
@@ -164,7 +188,7 @@ def bench_layer(size: int, batches: list[int], repeats: int, peers: bool, cold: 
                 t = ms[name]
                 rows[name].append(f"{t:>22}" if isinstance(t, str) else f"{t:>10.2f} ms {base / t:>7.2f}x")
     for name, cells in rows.items():
-        print(f"{name:<22}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
     for b in batches:
         paths = {name: select_path(m, torch.randn(b, size)) for name, m in layers.items()}
         shown = ", ".join(f"{k.removeprefix('qlab ')} -> {v}" for k, v in paths.items())
@@ -205,11 +229,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm", action="store_true", help="leave the caches warm between calls")
     p.add_argument("--model", action="store_true", help="also time a SmolLM2 forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--every-path", action="store_true", help="also time each qlab layer on every CPU path")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}")
-    bench_layer(a.size, [int(b) for b in a.batches.split(",")], a.repeats, not a.no_peers, cold=not a.warm)
+    bench_layer(
+        a.size, [int(b) for b in a.batches.split(",")], a.repeats, not a.no_peers, cold=not a.warm,
+        every_path=a.every_path,
+    )  # fmt: skip
     if a.model:
         bench_model(max(5, a.repeats // 2))
 

@@ -46,6 +46,7 @@ __all__ = [
     "RowsWeight",
     "load",
     "status",
+    "features",
     "build",
     "prepare",
     "prepare_rows16",
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 from qlab.kernels import cpu_native
-from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, load, load_default, status
+from qlab.kernels.cpu_library import ABI, FLAGS, SOURCE, build, features, load, load_default, status
 from qlab.kernels.cpu_ops import (
     _FP8_GEMV,
     _FP8_TILED_MATMUL,

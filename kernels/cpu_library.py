@@ -23,6 +23,7 @@ ABI = 6  # must match QLAB_CPU_ABI in cpu.c
 
 _lib: ctypes.CDLL | None = None
 _status = "not loaded yet"
+_features: tuple[str, ...] = ()
 _P = ctypes.c_void_p
 _L = ctypes.c_long
 
@@ -93,7 +94,7 @@ def load_default() -> None:
     build (a lock, a subprocess, file I/O): Dynamo cannot, and with ``fullgraph=True`` a QuantLinear
     compiled before its first eager call failed there.
     """
-    global _lib, _status
+    global _lib, _status, _features
     if _status != "not loaded yet":
         return
     if os.environ.get("QLAB_CPU_KERNELS", "1") == "0":
@@ -104,7 +105,7 @@ def load_default() -> None:
         feats = [
             f for f, on in (("avx512-bf16", lib.qlab_cpu_bf16()), ("avx512-vnni", lib.qlab_cpu_vnni())) if on
         ]
-        _lib, _status = lib, ", ".join(feats) or "portable C"
+        _lib, _status, _features = lib, ", ".join(feats) or "portable C", tuple(feats)
     except (OSError, RuntimeError) as err:
         _status = f"unavailable: {err}"
 
@@ -118,6 +119,12 @@ def load(path: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
     if path is not None:
         return _bind(Path(path))
     return _lib
+
+
+def features() -> tuple[str, ...]:
+    """The vector extensions the loaded library was compiled with (``-march=native``: what this CPU has),
+    among ``"avx512-bf16"`` and ``"avx512-vnni"``; empty for a portable build or no library."""
+    return _features
 
 
 def status() -> str:

@@ -61,3 +61,13 @@ def _seeded_torch(request: pytest.FixtureRequest) -> None:
     reseeds ``random`` and numpy the same way, but not torch).
     """
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def c_kernel_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``select_path`` take qlab's C kernels even where they lack the vector instructions that make
+    them fast (a portable build on an AVX2-only CPU, where it prefers torch's ops): tests of those
+    paths then run on every machine with a C compiler."""
+    from qlab.nn import dispatch
+
+    monkeypatch.setattr(dispatch, "cpu_kernel_speedups", lambda: (True, True))

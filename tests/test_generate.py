@@ -68,7 +68,7 @@ def test_prepare_builds_every_cache_the_forward_reads(model):
 
 
 @NEEDS_C
-def test_compiled_quantized_llama_fullgraph_no_recompile(model):
+def test_compiled_quantized_llama_fullgraph_no_recompile(model, c_kernel_paths):
     """fullgraph compile of the whole quantized model: equal to eager, and a second call with another
     input of the same shape reuses the graph (the prepared caches leave Dynamo nothing to guard on)."""
     prepare(model)
@@ -249,7 +249,7 @@ def _cache_state(gen: Generator) -> list[torch.Tensor]:
 
 @NEEDS_CXX
 @pytest.mark.slow
-def test_aot_step_equals_eager_and_follows_the_model():
+def test_aot_step_equals_eager_and_follows_the_model(c_kernel_paths):
     """``compile="aot"`` on the fastest recipe (int4 body, int8 tied head, fused projections; 2 layers):
     eager's greedy text and the same KV cache (every slot, and the length) for two prompt lengths from one
     build; the compiled step reads the model's own tensors (nothing copied); weights changed in place are

@@ -210,7 +210,7 @@ def test_compiled_kernels_equal_eager_bit_for_bit():
 
 
 @NEEDS_C
-def test_compiled_quantized_model_equals_eager():
+def test_compiled_quantized_model_equals_eager(c_kernel_paths):
     """A small model of QuantLinear layers on every C path (int8-dot, bf16 gemv, FP8, tiles), compiled
     with fullgraph before any eager call (cold layer caches), equals eager bit for bit.
 

@@ -17,10 +17,11 @@ from qlab.nn import (
     PATH_TABLE,
     PATHS,
     QuantLinear,
+    dispatch,
     select_path,
     use_path,
 )
-from qlab.nn.dispatch import _cpu_kernels
+from qlab.nn.dispatch import _cpu_kernels, cpu_kernel_speedups
 from qlab.quantize import QuantSpec, quantize
 
 K, N = 256, 64
@@ -52,19 +53,29 @@ SETTINGS = {
     "w8a8": (QuantConfig("w8a8", 8, None), ("cpu_int8dot", "torch_int_mm"), "torch_int_mm"),
 }
 HAS_CPU_KERNELS = _cpu_kernels() is not None
+#: Whether the C kernels here have AVX512-BF16 / AVX512-VNNI; without them torch's ops are preferred.
+BF16_FAST, INT8_FAST = cpu_kernel_speedups()
+#: torch._int_mm is fast only with int8 dot-product instructions.
+INT_MM_FAST = INT8_FAST if HAS_CPU_KERNELS else torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def expected_path(name: str, rows: int) -> str:
     _, with_kernels, without = SETTINGS[name]
+    if name == "w8a8":
+        if HAS_CPU_KERNELS and INT8_FAST and rows < CPU_W8A8_DOT_MAX_ROWS:
+            return "cpu_int8dot"
+        return "torch_int_mm" if INT_MM_FAST else "torch_int8"
     if not HAS_CPU_KERNELS:
         return without
-    if name == "w8a8":
-        from_rows = CPU_W8A8_DOT_MAX_ROWS
-    elif with_kernels[0] == "cpu_int8dot":
-        from_rows = CPU_INT8DOT_MAX_ROWS
-    else:
-        from_rows = CPU_TILED_MIN_ROWS
-    return with_kernels[rows >= from_rows]
+    if with_kernels[0] == "cpu_int8dot":
+        if INT8_FAST and rows < CPU_INT8DOT_MAX_ROWS:
+            return "cpu_int8dot"
+        if BF16_FAST:
+            return "cpu_tiled" if rows >= CPU_INT8DOT_MAX_ROWS else "cpu_gemv"
+        return without
+    if BF16_FAST or name == "fp8":  # FP8 keeps the C kernels: torch's FP8 path is slower still
+        return with_kernels[rows >= CPU_TILED_MIN_ROWS]
+    return without
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -128,6 +139,30 @@ def test_every_path_matches_reference_when_forced(layers, name, path, rows):
     assert rel_err(y, ref) < FAST_PATH_RTOL
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="qlab's CPU kernels are not built here")
+@pytest.mark.parametrize("bf16, int8", [(True, True), (True, False), (False, True), (False, False)])
+def test_c_kernels_are_chosen_only_with_their_instructions(monkeypatch, layers, bf16, int8):
+    """A portable build of the C kernels (no AVX512-BF16 / VNNI, as on most laptops) is correct but slower
+    than torch's ops, so selection skips what it lacks; FP8 keeps them (torch's FP8 path is slower still),
+    and W8A8 leaves torch._int_mm, which needs the int8 instructions too, for torch_int8."""
+    monkeypatch.setattr(dispatch, "cpu_kernel_speedups", lambda: (bf16, int8))
+    one, many = torch.randn(1, K), torch.randn(64, K)
+    pick = {name: (select_path(layer, one), select_path(layer, many)) for name, layer in layers.items()}
+    assert pick["w4 g128"] == (
+        "cpu_int8dot" if int8 else "cpu_gemv" if bf16 else "torch_int4",
+        "cpu_tiled" if bf16 else "torch_int4",
+    )
+    assert pick["nf4 b64"][1] == ("cpu_tiled" if bf16 else "torch_int8")
+    assert pick["fp8"] == ("cpu_gemv", "cpu_tiled")
+    assert pick["w8a8"] == ("cpu_int8dot" if int8 else "torch_int8", "torch_int_mm" if int8 else "torch_int8")
+    for name, layer in layers.items():  # whatever is chosen matches the reference
+        with torch.inference_mode():
+            y = layer(many)
+            with use_path("reference"):
+                ref = layer(many)
+        assert rel_err(y, ref) < FAST_PATH_RTOL, name
+
+
 def test_every_torch_fallback_fits_some_layer(layers):
     """The fallbacks a machine without a C compiler runs are each exercised by the test above."""
     x = torch.randn(1, K)
@@ -143,9 +178,10 @@ def test_rows_not_multiple_of_16_use_the_other_decode_kernels(config):
     torch.manual_seed(3)
     layer = QuantLinear.from_linear(nn.Linear(K, 40), config)
     x = torch.randn(2, K)
-    assert select_path(layer, x) == "cpu_gemv"
+    assert select_path(layer, x) == ("cpu_gemv" if BF16_FAST else SETTINGS["nf4 b64"][2])
     with torch.inference_mode():
-        y = layer(x)
+        with use_path("cpu_gemv"):  # on every machine with the kernels, fast or portable
+            y = layer(x)
         with use_path("reference"):
             ref = layer(x)
     assert rel_err(y, ref) < FAST_PATH_RTOL

@@ -19,13 +19,17 @@ path                   what it does
                        cache-sized buffer, multiplied by torch's bf16 GEMM (oneDNN, AMX)
 ``torch_int4``         torch's ``_weight_int4pack_mm_for_cpu`` for 1- to 4-bit affine codes
 ``torch_int8``         torch's ``_weight_int8pack_mm`` once per group, plus a rank-one zero-point term;
-                       codebooks through their int8 table levels
+                       codebooks through their int8 table levels; W8A8 where ``torch._int_mm`` is
+                       slow (its int8 activations as exact fp32 integers, fp32 sums)
 ``torch_int_mm``       W8A8: ``torch._int_mm``, a true int8 x int8 -> int32 product
 ``torch_fp8_bf16``     FP8 weights widened to bf16 (exact: e4m3 is a subset of bf16) and scaled
 =====================  ==========================================================================
 
 On CPU without a C compiler (or with ``QLAB_CPU_KERNELS=0``) the ``cpu_*`` paths do not fit and the
-``torch_*`` ones run. The fast paths agree with the reference within bf16 arithmetic: a relative
+``torch_*`` ones run. Where the C kernels lack the instructions they are built around (AVX512-VNNI for
+``cpu_int8dot``, AVX512-BF16 for ``cpu_gemv`` and ``cpu_tiled``: :func:`cpu_kernel_speedups`), they still
+fit, but :func:`select_path` prefers torch's ops, which are faster there (FP8 excepted: torch's FP8
+path is slower still). The fast paths agree with the reference within bf16 arithmetic: a relative
 (Frobenius) output error below :data:`FAST_PATH_RTOL`. Their converted weights are cached on the layer
 (``layer._cache``, built on first use, dropped by ``.to()`` and state loading): derived data, never saved.
 Before ``torch.compile``, call :func:`prepare` on the model: it builds those caches eagerly, so the
@@ -59,6 +63,10 @@ CPU_TILED_MIN_ROWS = 8
 CPU_INT8DOT_MAX_ROWS = 12
 #: The same for W8A8 layers, whose alternative is torch._int_mm (AMX int8), not bf16 tiles.
 CPU_W8A8_DOT_MAX_ROWS = 6
+#: Rows of ``x`` below which W8A8 layers without fast ``torch._int_mm`` use torch's ``_weight_int8pack_mm``
+#: on fp32 integer activations, and from which one fp32 GEMM on the widened weight (measured on an
+#: AVX2-only CPU, 4096x4096: 13 vs 69 ms at one row, 160 vs 50 ms at eight).
+W8A8_INT8PACK_MAX_ROWS = 4
 #: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
 FAST_PATH_RTOL = 1e-2
 #: Group sizes torch's int4 CPU op accepts.
@@ -91,6 +99,32 @@ def _cpu_kernels() -> Any:
     except Exception:  # a broken install keeps the torch paths
         return None
     return cpu if cpu.load() is not None else None
+
+
+def cpu_kernel_speedups() -> tuple[bool, bool]:
+    """``(bf16, int8)``: whether qlab's C kernels here carry the instructions their speed rests on.
+
+    ``bf16``: AVX512-BF16, for the bf16-dot decode kernel and the bf16 tiles (whose torch GEMM is fast
+    only where the CPU multiplies bf16 natively). ``int8``: AVX512-VNNI, for the int8-dot kernel. A
+    portable build (an AVX2-only CPU, as in most laptops) is correct but slow: measured on one, 4096x4096,
+    2 threads, its decode kernels took 12-35 ms where torch's int4 op took 1.6 ms and fp32 ``F.linear``
+    3.5 ms, and its tiles 105 ms at 64 rows against 33 ms and 22 ms. :func:`select_path` then skips them
+    (``use_path`` still runs them).
+    """
+    cpu = _cpu_kernels()
+    if cpu is None:
+        return False, False
+    feats = cpu.features()
+    return "avx512-bf16" in feats, "avx512-vnni" in feats
+
+
+def _int8_matmul_fast() -> bool:
+    """Whether ``torch._int_mm`` is fast here: it needs int8 dot-product instructions (VNNI, AMX). On an
+    AVX2-only CPU it took 2.6 s for 64x4096x4096, 120x fp32 ``F.linear``. The C library, built for this
+    CPU, says; without it, torch's own dispatch level does (AVX-512 CPUs nearly all have VNNI)."""
+    if _cpu_kernels() is not None:
+        return cpu_kernel_speedups()[1]
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
@@ -262,6 +296,23 @@ def _int4_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
 
 
+def _w8a8_int8pack_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    """W8A8 where ``torch._int_mm`` is slow: ``y = sx ⊙ (qx qwᵀ) ⊙ sw`` on the int8 activations ``qx`` held as
+    fp32 integers (exact), with fp32 sums: torch's ``_weight_int8pack_mm`` below
+    :data:`W8A8_INT8PACK_MAX_ROWS` rows, else ``F.linear`` on the int8 weight widened to fp32."""
+    entry = layer._cache.get("int8_w8a8")
+    if entry is None:
+        codes = unpack(layer.qweight, 8, layer.in_features)
+        entry = ((codes.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scale.float().reshape(-1))
+        layer._cache["int8_w8a8"] = entry
+    qw, sw = entry
+    qx, sx = quantize_rows_int8(x2)
+    if x2.shape[0] < W8A8_INT8PACK_MAX_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(qx.float(), qw, sw) * sx
+    # the op's fp32 route slows with rows; widening the int8 weight for one fp32 GEMM does not
+    return F.linear(qx.float(), qw.float()) * sw * sx
+
+
 def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     """``y = Σ_g s_g ⊙ (x_g c_gᵀ) + (Σ_{k∈g} x_k) s_g (o - zero_g)`` with int8 codes ``c = u - o``.
 
@@ -271,6 +322,8 @@ def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     zero-point cancels would lose the output's digits. Codebooks use the table's int8 levels,
     ``c = L[u]`` with scale ``s / R`` (no zero term), in two planes where one int8 level is too coarse.
     """
+    if layer.mode == "w8a8":
+        return _w8a8_int8pack_forward(layer, x2)
     entry = layer._cache.get("int8")
     n, k = layer.out_features, layer.in_features
     if entry is None:
@@ -376,7 +429,7 @@ def _weight_mode(layer: Layer) -> bool:
 def _int8pack_fits(layer: Layer) -> bool:
     """torch's CPU ``_weight_int8pack_mm`` (torch 2.13) reads past the row when the reduction width is not
     a multiple of 16: garbage at K = 8, 24, 40, a segfault below 8. So each group of inputs must be."""
-    if not _weight_mode(layer):
+    if not _weight_mode(layer) and layer.mode != "w8a8":
         return False
     groups = layer.scale.shape[1] if layer.scale.dim() == 2 else 1
     return layer.in_features % groups == 0 and (layer.in_features // groups) % 16 == 0
@@ -475,13 +528,20 @@ def select_path(layer: Layer, x: torch.Tensor) -> str:
     if x.device.type != "cpu":
         return "reference"
     tiles, rows16 = _cpu_fit(layer)
+    bf16_fast, int8_fast = cpu_kernel_speedups()
     rows = x.numel() // layer.in_features
     if layer.mode == "w8a8":  # one int8 plane of x: the same integers as torch._int_mm, faster at decode
-        return "cpu_int8dot" if rows16 and rows < CPU_W8A8_DOT_MAX_ROWS else "torch_int_mm"
-    if tiles:
-        if rows16:
-            return "cpu_int8dot" if rows < CPU_INT8DOT_MAX_ROWS else "cpu_tiled"
-        return "cpu_tiled" if rows >= CPU_TILED_MIN_ROWS else "cpu_gemv"
+        if rows16 and int8_fast and rows < CPU_W8A8_DOT_MAX_ROWS:
+            return "cpu_int8dot"
+        if _int8_matmul_fast() or not _int8pack_fits(layer):
+            return "torch_int_mm"
+        return "torch_int8"
+    if rows16 and int8_fast and rows < CPU_INT8DOT_MAX_ROWS:
+        return "cpu_int8dot"
+    # FP8 keeps the C kernels even without BF16: torch's FP8 path widens all of W every call, slower still
+    # (measured on the AVX2 CPU above: 85 ms at one row, against the portable kernel's 23 ms)
+    if tiles and (bf16_fast or layer.mode == "fp8"):
+        return "cpu_tiled" if rows >= (CPU_INT8DOT_MAX_ROWS if rows16 else CPU_TILED_MIN_ROWS) else "cpu_gemv"
     if layer.mode == "fp8":
         return "torch_fp8_bf16"
     if _int4_group(layer) is not None:
