@@ -10,6 +10,7 @@ from torch import nn
 from qlab.codebooks import NF4_VALUES
 from qlab.config import QuantConfig
 from qlab.nn import (
+    CPU_DEQUANT_MIN_ROWS,
     CPU_INT8DOT_MAX_ROWS,
     CPU_TILED_MIN_ROWS,
     CPU_W8A8_DOT_MAX_ROWS,
@@ -161,6 +162,26 @@ def test_c_kernels_are_chosen_only_with_their_instructions(monkeypatch, layers, 
             with use_path("reference"):
                 ref = layer(many)
         assert rel_err(y, ref) < FAST_PATH_RTOL, name
+
+
+@pytest.mark.parametrize("avx2", [True, False])
+@pytest.mark.parametrize("fast", [True, False])
+def test_long_prompts_on_avx2_dequantize_to_fp32(monkeypatch, layers, avx2, fast):
+    """Without AVX-512 (torch at AVX2) and without qlab's fast kernels, weight-only layers take one fp32
+    GEMM on the dequantized weight from CPU_DEQUANT_MIN_ROWS rows: torch's int4/int8 ops fall behind
+    there. W8A8 keeps its integer activations; fast C kernels keep their tiles."""
+    monkeypatch.setattr(dispatch, "cpu_kernel_speedups", lambda: (fast, fast))
+    monkeypatch.setattr(dispatch, "_avx2_or_lower", lambda: avx2)
+    below, long = torch.randn(CPU_DEQUANT_MIN_ROWS - 1, K), torch.randn(CPU_DEQUANT_MIN_ROWS, K)
+    for name in ("w4 g128", "nf4 b64", "w8 per-channel"):
+        want = SETTINGS[name][2]
+        if fast and HAS_CPU_KERNELS:
+            want = "cpu_tiled"
+        assert select_path(layers[name], below) == want, name
+        assert select_path(layers[name], long) == (
+            want if want == "cpu_tiled" or not avx2 else "reference"
+        ), name
+    assert select_path(layers["w8a8"], long) != "reference"
 
 
 def test_every_torch_fallback_fits_some_layer(layers):

@@ -5,6 +5,7 @@ Modules only: turning a model's layers into these is the driver's job (:func:`ql
 """
 
 from qlab.nn.dispatch import (
+    CPU_DEQUANT_MIN_ROWS,
     CPU_INT8DOT_MAX_ROWS,
     CPU_TILED_MIN_ROWS,
     CPU_W8A8_DOT_MAX_ROWS,
@@ -24,6 +25,7 @@ from qlab.nn.linear import FP8_MAX, MODES, QuantLinear, is_conv1d, is_linear, li
 LAYER_TYPES: dict[str, type] = {cls.__name__: cls for cls in (QuantLinear, Int8Linear)}
 
 __all__ = [
+    "CPU_DEQUANT_MIN_ROWS",
     "CPU_INT8DOT_MAX_ROWS",
     "CPU_TILED_MIN_ROWS",
     "CPU_W8A8_DOT_MAX_ROWS",

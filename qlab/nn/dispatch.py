@@ -28,13 +28,14 @@ path                   what it does
 On CPU without a C compiler (or with ``QLAB_CPU_KERNELS=0``) the ``cpu_*`` paths do not fit and the
 ``torch_*`` ones run. Where the C kernels lack the instructions they are built around (AVX512-VNNI for
 ``cpu_int8dot``, AVX512-BF16 for ``cpu_gemv`` and ``cpu_tiled``: :func:`cpu_kernel_speedups`), they still
-fit, but :func:`select_path` prefers torch's ops, which are faster there (FP8 excepted: torch's FP8
-path is slower still). The fast paths agree with the reference within bf16 arithmetic: a relative
-(Frobenius) output error below :data:`FAST_PATH_RTOL`. Their converted weights are cached on the layer
-(``layer._cache``, built on first use, dropped by ``.to()`` and state loading): derived data, never saved.
-Before ``torch.compile``, call :func:`prepare` on the model: it builds those caches eagerly, so the
-compiled graph only reads them (built inside a graph, they would be traced, and the first call after
-it would recompile on the changed cache).
+fit, but :func:`select_path` prefers torch's ops, which are faster there (FP8 excepted: torch's FP8 path is
+slower still); and on a CPU without AVX-512 at all, long prompts (:data:`CPU_DEQUANT_MIN_ROWS`) dequantize
+to fp32 for one fp32 GEMM, the ``reference`` path. The fast paths agree with the reference within bf16
+arithmetic: a relative (Frobenius) output error below :data:`FAST_PATH_RTOL`. Their converted weights are
+cached on the layer (``layer._cache``, built on first use, dropped by ``.to()`` and state loading): derived
+data, never saved. Before ``torch.compile``, call :func:`prepare` on the model: it builds those caches
+eagerly, so the compiled graph only reads them (built inside a graph, they would be traced, and the first
+call after it would recompile on the changed cache).
 
 This module knows a layer only by its tensors and spec (``qweight``, ``scale``, ``zero``, ``codebook``,
 ``spec``, ``mode``, shapes); it does not import the layer class, which calls it.
@@ -67,6 +68,12 @@ CPU_W8A8_DOT_MAX_ROWS = 6
 #: on fp32 integer activations, and from which one fp32 GEMM on the widened weight (measured on an
 #: AVX2-only CPU, 4096x4096: 13 vs 69 ms at one row, 160 vs 50 ms at eight).
 W8A8_INT8PACK_MAX_ROWS = 4
+#: Rows of ``x`` from which weight-only layers on a CPU without AVX-512 (torch's dispatch level AVX2 or
+#: lower) dequantize to fp32 and run one fp32 GEMM (the ``reference`` path) instead of torch's int4/int8
+#: ops: without bf16 or int8 matrix instructions those ops fall behind plain fp32 as rows grow. Measured
+#: on an AVX2-only 2-core EPYC, SmolLM2's four layer shapes summed: 24.5 vs 25.2 ms at 256 rows, 31.7 vs
+#: 55.2 ms at 512 (int4 g64), 12.7 vs 21.1 ms at 128.
+CPU_DEQUANT_MIN_ROWS = 256
 #: Relative Frobenius error the fast paths stay under, against the fp32 reference (bf16 arithmetic).
 FAST_PATH_RTOL = 1e-2
 #: Group sizes torch's int4 CPU op accepts.
@@ -125,6 +132,11 @@ def _int8_matmul_fast() -> bool:
     if _cpu_kernels() is not None:
         return cpu_kernel_speedups()[1]
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _avx2_or_lower() -> bool:
+    """Whether torch runs this CPU at AVX2 or below (no AVX-512): see :data:`CPU_DEQUANT_MIN_ROWS`."""
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
 
 
 def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
@@ -544,6 +556,8 @@ def select_path(layer: Layer, x: torch.Tensor) -> str:
         return "cpu_tiled" if rows >= (CPU_INT8DOT_MAX_ROWS if rows16 else CPU_TILED_MIN_ROWS) else "cpu_gemv"
     if layer.mode == "fp8":
         return "torch_fp8_bf16"
+    if rows >= CPU_DEQUANT_MIN_ROWS and _weight_mode(layer) and _avx2_or_lower():
+        return "reference"
     if _int4_group(layer) is not None:
         return "torch_int4"
     return "torch_int8" if _int8pack_fits(layer) else "reference"
