@@ -33,6 +33,10 @@ import pytest
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+#: How long one widget update (a kernel round trip that may redraw a figure) may take. Usually under a
+#: second; in CI the kernel shares 2 slow cores with another test worker and Chromium, and once stayed busy
+#: past 30 s on one redraw, so the bound is generous: a passing run never waits for it.
+UPDATE_MS = 90_000
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -241,36 +245,36 @@ def test_error_histogram_explorer_in_jupyterlab(lab):
         for _ in range(4):
             handle.press("ArrowRight")
         expect(page.locator(".qlab-control-bits .widget-readout")).to_have_text("6")
-        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=UPDATE_MS)
         sqnr_6bit = _sqnr(page)
         assert sqnr_6bit > sqnr_2bit + 18, (sqnr_2bit, sqnr_6bit)  # about 6 dB per bit
-        expect(figure).not_to_have_attribute("src", src_2bit, timeout=30_000)
+        expect(figure).not_to_have_attribute("src", src_2bit, timeout=UPDATE_MS)
         src_6bit = figure.get_attribute("src")
 
         # change a dropdown: per-tensor scales lose to groups of 64 on this outlier-free tensor
         page.locator(".qlab-control-granularity select").select_option("tensor")
-        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.000", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.000", timeout=UPDATE_MS)
         sqnr_tensor = _sqnr(page)
         assert sqnr_tensor < sqnr_6bit, (sqnr_6bit, sqnr_tensor)
-        expect(figure).not_to_have_attribute("src", src_6bit, timeout=30_000)
+        expect(figure).not_to_have_attribute("src", src_6bit, timeout=UPDATE_MS)
 
         # an impossible combination (NF4 per tensor) says why and leaves no stale numbers on screen
         page.locator(".qlab-control-method select").select_option("NF4")
-        expect(page.locator(".qlab-status")).to_contain_text("NF4 scales blocks", timeout=30_000)
-        expect(page.locator(".qlab-sqnr")).to_have_text("", timeout=30_000)
+        expect(page.locator(".qlab-status")).to_contain_text("NF4 scales blocks", timeout=UPDATE_MS)
+        expect(page.locator(".qlab-sqnr")).to_have_text("", timeout=UPDATE_MS)
         expect(page.locator(".qlab-bpw")).to_have_text("")
         page.locator(".qlab-control-granularity select").select_option("group")
-        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 4.500", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 4.500", timeout=UPDATE_MS)
         expect(sqnr_label).to_contain_text("SQNR")
 
         # the scale dtype counts: int6 asymmetric g64 with fp32 scales and zeros, then fp16
         page.locator(".qlab-control-method select").select_option("RTN")
-        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 7.000", timeout=UPDATE_MS)
         page.locator(".qlab-control-scale-dtype select").select_option(label="fp16")
-        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.500", timeout=30_000)
+        expect(page.locator(".qlab-bpw")).to_have_text("bits per weight 6.500", timeout=UPDATE_MS)
         expect(page.locator(".qlab-status")).to_contain_text("fp16 scales")
         # the status bar says Idle once the last update has run: the screenshot shows the final state
-        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=UPDATE_MS)
 
 
 def test_memory_calculator_and_method_picker_in_jupyterlab(lab):
@@ -286,21 +290,21 @@ def test_memory_calculator_and_method_picker_in_jupyterlab(lab):
         src_int4 = figure.get_attribute("src")
 
         page.locator(".qlab-control-scheme select").select_option("fp32")
-        expect(fits).to_have_text("fp32: 538 MB, fits in 200 MB: no", timeout=30_000)
+        expect(fits).to_have_text("fp32: 538 MB, fits in 200 MB: no", timeout=UPDATE_MS)
 
         # a typed-in parameter count (committed with Enter), then a malformed one: a hint, no traceback
         params = page.locator(".qlab-control-params input")
         expect(params).to_be_disabled()
         page.locator(".qlab-control-model select").select_option("custom")
-        expect(params).to_be_enabled(timeout=30_000)
+        expect(params).to_be_enabled(timeout=UPDATE_MS)
         params.fill("1e9")
         params.press("Enter")
-        expect(fits).to_have_text("fp32: 4.00 GB, fits in 200 MB: no", timeout=30_000)
-        expect(figure).not_to_have_attribute("src", src_int4, timeout=30_000)
+        expect(fits).to_have_text("fp32: 4.00 GB, fits in 200 MB: no", timeout=UPDATE_MS)
+        expect(figure).not_to_have_attribute("src", src_int4, timeout=UPDATE_MS)
         params.fill("abc")
         params.press("Enter")
         expect(page.locator(".qlab-status")).to_contain_text(
-            "parameter count must be a number", timeout=30_000
+            "parameter count must be a number", timeout=UPDATE_MS
         )
         expect(fits).to_have_text("")  # the answer for 1e9 does not stay beside the error
         expect(
@@ -311,8 +315,8 @@ def test_memory_calculator_and_method_picker_in_jupyterlab(lab):
         rec = page.locator(".qlab-recommendation-box")
         expect(rec).to_contain_text("method: hqq", timeout=90_000)
         page.locator(".qlab-control-target-bits").get_by_role("button", name="2", exact=True).click()
-        expect(rec).to_contain_text("method: rtn", timeout=30_000)
+        expect(rec).to_contain_text("method: rtn", timeout=UPDATE_MS)
         expect(rec).to_contain_text("no data-free method holds up here")
         page.locator(".qlab-control-calibration input[type=checkbox]").click()
-        expect(rec).to_contain_text("method: gptq", timeout=30_000)
-        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=30_000)
+        expect(rec).to_contain_text("method: gptq", timeout=UPDATE_MS)
+        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=UPDATE_MS)
