@@ -56,8 +56,8 @@ SETTINGS = {
 HAS_CPU_KERNELS = _cpu_kernels() is not None
 #: Whether the C kernels here have AVX512-BF16 / AVX512-VNNI; without them torch's ops are preferred.
 BF16_FAST, INT8_FAST = cpu_kernel_speedups()
-#: torch._int_mm is fast only with int8 dot-product instructions.
-INT_MM_FAST = INT8_FAST if HAS_CPU_KERNELS else torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+#: torch._int_mm is slow without AVX-512's int8 dot products: W8A8 then takes torch_int8.
+INT_MM_FAST = not dispatch._avx2_or_lower()
 
 
 def expected_path(name: str, rows: int) -> str:
@@ -145,7 +145,7 @@ def test_every_path_matches_reference_when_forced(layers, name, path, rows):
 def test_c_kernels_are_chosen_only_with_their_instructions(monkeypatch, layers, bf16, int8):
     """A portable build of the C kernels (no AVX512-BF16 / VNNI, as on most laptops) is correct but slower
     than torch's ops, so selection skips what it lacks; FP8 keeps them (torch's FP8 path is slower still),
-    and W8A8 leaves torch._int_mm, which needs the int8 instructions too, for torch_int8."""
+    and W8A8 at decode leaves the int8-dot kernel for torch's ops."""
     monkeypatch.setattr(dispatch, "cpu_kernel_speedups", lambda: (bf16, int8))
     one, many = torch.randn(1, K), torch.randn(64, K)
     pick = {name: (select_path(layer, one), select_path(layer, many)) for name, layer in layers.items()}
@@ -155,7 +155,8 @@ def test_c_kernels_are_chosen_only_with_their_instructions(monkeypatch, layers, 
     )
     assert pick["nf4 b64"][1] == ("cpu_tiled" if bf16 else "torch_int8")
     assert pick["fp8"] == ("cpu_gemv", "cpu_tiled")
-    assert pick["w8a8"] == ("cpu_int8dot" if int8 else "torch_int8", "torch_int_mm" if int8 else "torch_int8")
+    w8a8_many = "torch_int_mm" if INT_MM_FAST else "torch_int8"
+    assert pick["w8a8"] == ("cpu_int8dot" if int8 else w8a8_many, w8a8_many)
     for name, layer in layers.items():  # whatever is chosen matches the reference
         with torch.inference_mode():
             y = layer(many)
@@ -181,7 +182,7 @@ def test_long_prompts_on_avx2_dequantize_to_fp32(monkeypatch, layers, avx2, fast
         assert select_path(layers[name], long) == (
             want if want == "cpu_tiled" or not avx2 else "reference"
         ), name
-    assert select_path(layers["w8a8"], long) != "reference"
+    assert select_path(layers["w8a8"], long) == ("torch_int8" if avx2 else "torch_int_mm")
 
 
 def test_every_torch_fallback_fits_some_layer(layers):

@@ -125,17 +125,10 @@ def cpu_kernel_speedups() -> tuple[bool, bool]:
     return "avx512-bf16" in feats, "avx512-vnni" in feats
 
 
-def _int8_matmul_fast() -> bool:
-    """Whether ``torch._int_mm`` is fast here: it needs int8 dot-product instructions (VNNI, AMX). On an
-    AVX2-only CPU it took 2.6 s for 64x4096x4096, 120x fp32 ``F.linear``. The C library, built for this
-    CPU, says; without it, torch's own dispatch level does (AVX-512 CPUs nearly all have VNNI)."""
-    if _cpu_kernels() is not None:
-        return cpu_kernel_speedups()[1]
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 def _avx2_or_lower() -> bool:
-    """Whether torch runs this CPU at AVX2 or below (no AVX-512): see :data:`CPU_DEQUANT_MIN_ROWS`."""
+    """Whether torch runs this CPU at AVX2 or below (no AVX-512). There ``torch._int_mm`` has no int8
+    dot-product instructions to use (2.6 s for 64x4096x4096 on an AVX2-only CPU, 120x fp32 ``F.linear``),
+    and long prompts run faster in fp32 (:data:`CPU_DEQUANT_MIN_ROWS`)."""
     return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
 
 
@@ -237,22 +230,42 @@ def _reference_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.float()
     if layer.mode == "w8a8":
         lead = x.shape[:-1]
-        y = _w8a8_forward(layer, x.reshape(-1, layer.in_features), exact_int=False)
+        y = _w8a8_forward(layer, x.reshape(-1, layer.in_features), "float")
         y = y.reshape(*lead, layer.out_features)
         return y if bias is None else y + bias
     return F.linear(x.float(), layer.dequantize(torch.float32), bias)
 
 
-def _w8a8_forward(layer: Layer, x2: torch.Tensor, exact_int: bool) -> torch.Tensor:
+def _w8a8_codes(layer: Layer) -> torch.Tensor:
+    """A W8A8 layer's weight as signed int8 ``[N, K]`` (stored offset by 128)."""
+    return (unpack(layer.qweight, 8, layer.in_features).to(torch.int16) - 128).to(torch.int8)
+
+
+def _w8a8_forward(
+    layer: Layer, x2: torch.Tensor, how: Literal["float", "int_mm", "int8pack"]
+) -> torch.Tensor:
+    """``y = (qx qwᵀ) ⊙ sx ⊙ sw`` on per-token int8 activations ``qx``, the integer products formed by
+    ``how``: ``"int_mm"``, torch's exact int8 x int8 -> int32 ``_int_mm``; ``"int8pack"``, for CPUs where
+    that is slow, ``qx`` as exact fp32 integers with fp32 sums (torch's ``_weight_int8pack_mm`` below
+    :data:`W8A8_INT8PACK_MAX_ROWS` rows, one fp32 GEMM on the widened weight from there, where that op's
+    fp32 route is slower); ``"float"``, the reference: fp32 codes from the layer, nothing cached."""
     qx, sx = quantize_rows_int8(x2)
     sw = layer.scale.float().reshape(1, -1)
-    if exact_int:
+    if how == "int_mm":
         wt = layer._cache.get("int_mm")
         if wt is None:
-            codes = unpack(layer.qweight, 8, layer.in_features)
-            wt = (codes.to(torch.int16) - 128).to(torch.int8).t().contiguous()  # [K, N] as _int_mm wants
-            layer._cache["int_mm"] = wt
+            wt = layer._cache["int_mm"] = _w8a8_codes(layer).t().contiguous()  # [K, N] as _int_mm wants
         acc = torch._int_mm(qx, wt).float()
+    elif how == "int8pack":
+        entry = layer._cache.get("int8_w8a8")
+        if entry is None:
+            qw = _w8a8_codes(layer).contiguous()
+            entry = layer._cache["int8_w8a8"] = (qw, torch.ones(qw.shape[0]))  # unit scales: sw comes after
+        qw, ones = entry
+        if x2.shape[0] < W8A8_INT8PACK_MAX_ROWS:
+            acc = torch.ops.aten._weight_int8pack_mm(qx.float(), qw, ones)
+        else:
+            acc = F.linear(qx.float(), qw.float())
     else:
         codes = layer.quantized_tensor().codes.float()
         acc = qx.float() @ codes.t()
@@ -308,23 +321,6 @@ def _int4_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, g, sz)
 
 
-def _w8a8_int8pack_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
-    """W8A8 where ``torch._int_mm`` is slow: ``y = sx ⊙ (qx qwᵀ) ⊙ sw`` on the int8 activations ``qx`` held as
-    fp32 integers (exact), with fp32 sums: torch's ``_weight_int8pack_mm`` below
-    :data:`W8A8_INT8PACK_MAX_ROWS` rows, else ``F.linear`` on the int8 weight widened to fp32."""
-    entry = layer._cache.get("int8_w8a8")
-    if entry is None:
-        codes = unpack(layer.qweight, 8, layer.in_features)
-        entry = ((codes.to(torch.int16) - 128).to(torch.int8).contiguous(), layer.scale.float().reshape(-1))
-        layer._cache["int8_w8a8"] = entry
-    qw, sw = entry
-    qx, sx = quantize_rows_int8(x2)
-    if x2.shape[0] < W8A8_INT8PACK_MAX_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(qx.float(), qw, sw) * sx
-    # the op's fp32 route slows with rows; widening the int8 weight for one fp32 GEMM does not
-    return F.linear(qx.float(), qw.float()) * sw * sx
-
-
 def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     """``y = Σ_g s_g ⊙ (x_g c_gᵀ) + (Σ_{k∈g} x_k) s_g (o - zero_g)`` with int8 codes ``c = u - o``.
 
@@ -334,8 +330,6 @@ def _int8_groups_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
     zero-point cancels would lose the output's digits. Codebooks use the table's int8 levels,
     ``c = L[u]`` with scale ``s / R`` (no zero term), in two planes where one int8 level is too coarse.
     """
-    if layer.mode == "w8a8":
-        return _w8a8_int8pack_forward(layer, x2)
     entry = layer._cache.get("int8")
     n, k = layer.out_features, layer.in_features
     if entry is None:
@@ -412,7 +406,13 @@ def _cpu_tiled_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
 
 
 def _int_mm_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
-    return _w8a8_forward(layer, x2, exact_int=True)
+    return _w8a8_forward(layer, x2, "int_mm")
+
+
+def _torch_int8_forward(layer: Layer, x2: torch.Tensor) -> torch.Tensor:
+    if layer.mode == "w8a8":
+        return _w8a8_forward(layer, x2, "int8pack")
+    return _int8_groups_forward(layer, x2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ PATH_TABLE: dict[str, Path] = {
             "torch._weight_int4pack_mm_for_cpu",
         ),
         Path(
-            "torch_int8", lambda layer, x: _on_cpu(x) and _int8pack_fits(layer), _int8_groups_forward,
+            "torch_int8", lambda layer, x: _on_cpu(x) and _int8pack_fits(layer), _torch_int8_forward,
             "torch._weight_int8pack_mm per group + zero-point term",
         ),
         Path(
@@ -545,9 +545,7 @@ def select_path(layer: Layer, x: torch.Tensor) -> str:
     if layer.mode == "w8a8":  # one int8 plane of x: the same integers as torch._int_mm, faster at decode
         if rows16 and int8_fast and rows < CPU_W8A8_DOT_MAX_ROWS:
             return "cpu_int8dot"
-        if _int8_matmul_fast() or not _int8pack_fits(layer):
-            return "torch_int_mm"
-        return "torch_int8"
+        return "torch_int8" if _avx2_or_lower() and _int8pack_fits(layer) else "torch_int_mm"
     if rows16 and int8_fast and rows < CPU_INT8DOT_MAX_ROWS:
         return "cpu_int8dot"
     # FP8 keeps the C kernels even without BF16: torch's FP8 path widens all of W every call, slower still
