@@ -233,7 +233,7 @@ def test_one_plane_is_w8a8_integer_arithmetic():
     x[1] = 0.0
     x[2, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.0, -3.0, 6.35]) * (x[2].abs().max() / 127)  # ties
     y = cpu.gemv_int8dot(x, w, planes=1)
-    ref = _w8a8_forward(layer, x, exact_int=True)  # torch._int_mm on the same integers
+    ref = _w8a8_forward(layer, x, "int_mm")  # torch._int_mm on the same integers
     assert rel_err(y, ref) < 1e-6
     assert torch.equal(y[1], torch.zeros(48))
     with pytest.raises(ValueError, match="planes must be 2, or 1 for 8-bit"):
